@@ -1,0 +1,367 @@
+"""The `compress` command line: parse options, call the pipeline, display with rich.
+
+Every user error is a :class:`~compress.errors.CompressError` (or a click usage error) and ends as
+one line on stderr with exit code 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from compress import __version__
+from compress.errors import CompressError, InputError, OptionError
+from compress.formats import FORMATS
+from compress.formats.checkpoint import CheckpointReader, open_checkpoint
+from compress.formats.quantized import DequantizingReader, format_of, open_model
+from compress.formats.writer import (
+    ShardedWriter,
+    TensorSpec,
+    atomic_output_dir,
+    check_output_path,
+    write_json,
+)
+from compress.pipeline.plan import Plan, make_plan
+from compress.pipeline.report import human_bytes, parse_size
+from compress.pipeline.run import execute, resolve_device, write_sidecar_files
+from compress.quant import METHODS, config_to_dict, describe_config, make_config
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+FORMAT_HELP = "; ".join(f"{f.name} ({'/'.join(f.methods)}): {f.summary}" for f in FORMATS.values())
+
+
+def _pairs() -> str:
+    return ", ".join(f"{m}+{f.name}" for f in FORMATS.values() for m in f.methods)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="compress")
+def cli() -> None:
+    """Make large language models cheap to ship: 4-bit quantization with an accuracy report."""
+
+
+def common_output_options(f: Any) -> Any:
+    f = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bar and no tables.")(f)
+    f = click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically, after success).")(f)
+    f = click.option("--shard-size", default="5GB", show_default=True,
+                     help="Largest safetensors shard, e.g. 500MB, 2GiB.")(f)
+    return f
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Output folder (required unless --dry-run).")
+@click.option("--method", type=click.Choice(list(METHODS)), default="nf4", show_default=True, help=METHOD_HELP)
+@click.option("--format", "format_name", type=click.Choice(list(FORMATS)), default=None,
+              help=f"Output layout (default: the method's natural one). {FORMAT_HELP}")
+@click.option("--block-size", type=int, default=64, show_default=True, help="nf4/fp4: elements per absmax block.")
+@click.option("--double-quant/--no-double-quant", default=False, show_default=True,
+              help="nf4/fp4: quantize the absmax values to 8 bits too (~0.37 fewer bits per weight).")
+@click.option("--group-size", type=int, default=128, show_default=True, help="int4: input channels per group.")
+@click.option("--sym/--asym", "symmetric", default=False, show_default=True,
+              help="int4: symmetric (zero fixed at 8) or asymmetric (4-bit zero per group).")
+@click.option("--include", default=None, help="Regex: also quantize 2-D float weights whose name matches.")
+@click.option("--exclude", default=None, help="Regex: keep tensors whose name matches in their dtype.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the math runs (auto: CUDA when available).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, methods, projected size); write nothing.")
+@common_output_options
+def quantize(model: Path, out: Path | None, method: str, format_name: str | None, block_size: int,
+             double_quant: bool, group_size: int, symmetric: bool, include: str | None, exclude: str | None,
+             device: str, dry_run: bool, force: bool, quiet: bool, as_json: bool, shard_size: str) -> None:
+    """Quantize the Linear weights of MODEL (HF folder, .safetensors or .gguf) to 4 bits."""
+    started = time.time()
+    fmt = FORMATS[format_name or METHODS[method].default_format]
+    if method not in fmt.methods:
+        raise OptionError(f"--format {fmt.name} cannot hold --method {method}",
+                          fix=f"Pairs that work: {_pairs()}.")
+    try:
+        config = make_config(method, block_size=block_size, double_quant=double_quant, group_size=group_size,
+                             symmetric=symmetric)
+    except ValueError as e:
+        raise OptionError(str(e), fix="See `compress quantize --help` for the allowed values.") from e
+    shard_bytes = _shard_bytes(shard_size)
+    torch_device = resolve_device(device)
+    if out is None and not dry_run:
+        raise OptionError("missing output folder", fix="Pass -o OUT (or --dry-run to only see the plan).")
+    if out is not None and not dry_run:
+        check_output_path(out, force=force, inputs=[model])
+    with open_model(model) as reader:
+        plan = make_plan(reader.infos(), method, config, fmt, include=include, exclude=exclude)
+        if not plan.quantized and not dry_run:
+            raise OptionError("no tensor is selected for quantization",
+                              fix="Check --include/--exclude, or run with --dry-run to see why each tensor is kept.")
+        if dry_run:
+            _show_plan(plan, as_json)
+            return
+        assert out is not None
+        with atomic_output_dir(out, force=force) as tmp:
+            report = _run_with_progress(plan, reader, tmp, torch_device, shard_bytes, quiet or as_json)
+            if isinstance(reader, DequantizingReader):
+                report.notes.append(f"the input was already quantized ({reader.format.name}); it was dequantized "
+                                    "and quantized again, so errors are measured against the dequantized input")
+            write_sidecar_files(tmp, plan, reader, report)
+            _write_provenance(tmp, "quantize", model, out, started, torch_device,
+                              {"method": method, "parameters": config_to_dict(config), "format": fmt.name,
+                               "include": include, "exclude": exclude, "shard_size": shard_bytes})
+    if as_json:
+        click.echo(json.dumps(json.loads((out / "report.json").read_text()), indent=2))
+    elif not quiet:
+        for table in report.rich_tables():
+            out_console.print(table)
+        for note in report.notes:
+            out_console.print(f"[yellow]note:[/] {note}")
+        out_console.print(f"wrote {out} ({human_bytes(report.bytes_after)}); report: {out / 'report.md'}")
+
+
+def _shard_bytes(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise OptionError(f"--shard-size {text!r} is not a size", fix="Use a number with a unit, e.g. 5GB or 500MB.") from e
+
+
+def _run_with_progress(plan: Plan, reader: CheckpointReader, tmp: Path, device: torch.device, shard_bytes: int,
+                       quiet: bool):
+    if quiet:
+        return execute(plan, reader, tmp, device=device, shard_bytes=shard_bytes)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task(f"{plan.method} ({describe_config(plan.config)})", total=plan.input_bytes)
+
+        def advance(name: str, nbytes: int) -> None:
+            progress.update(task, advance=nbytes, description=name[-50:])
+
+        return execute(plan, reader, tmp, device=device, shard_bytes=shard_bytes, progress=advance)
+
+
+def _show_plan(plan: Plan, as_json: bool) -> None:
+    data = {
+        "method": plan.method, "parameters": config_to_dict(plan.config), "format": plan.format.name,
+        "bytes_before": plan.input_bytes, "bytes_after": plan.output_bytes,
+        "tensors": [{"name": e.info.name, "shape": list(e.info.shape), "dtype": str(e.info.dtype).removeprefix("torch."),
+                     "action": "quantize" if e.quantize else "keep", "reason": e.reason,
+                     "bytes_before": e.info.nbytes, "bytes_after": e.output_bytes} for e in plan.entries],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"plan: {describe_config(plan.config)} → {plan.format.name} (dry run, nothing written)")
+    for col in ("tensor", "shape", "dtype", "action", "reason", "bytes → after"):
+        table.add_column(col)
+    for e in plan.entries:
+        table.add_row(e.info.name, "×".join(map(str, e.info.shape)), str(e.info.dtype).removeprefix("torch."),
+                      "quantize" if e.quantize else "keep", e.reason,
+                      f"{human_bytes(e.info.nbytes)} → {human_bytes(e.output_bytes)}")
+    out_console.print(table)
+    out_console.print(f"{len(plan.quantized)} tensors to quantize, {len(plan.kept)} kept; projected size "
+                      f"{human_bytes(plan.input_bytes)} → {human_bytes(plan.output_bytes)}")
+
+
+def _write_provenance(folder: Path, command: str, source: Path, out: Path, started: float, device: torch.device,
+                      details: dict[str, Any]) -> None:
+    finished = time.time()
+    write_json(folder / "compress_provenance.json", {
+        "tool": "compress", "version": __version__, "command": command, "argv": sys.argv,
+        **details,
+        "input": str(source.resolve()), "output": str(out.resolve()), "device": str(device),
+        "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+        "finished_at": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
+        "wall_seconds": round(finished - started, 3),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+    })
+
+
+@cli.command()
+@click.argument("quantized", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Float checkpoint folder.")
+@click.option("--dtype", "dtype_name", type=click.Choice(["original", "float32", "float16", "bfloat16"]),
+              default="original", show_default=True, help="Dtype of the dequantized weights.")
+@common_output_options
+def dequantize(quantized: Path, out: Path, dtype_name: str, force: bool, quiet: bool, as_json: bool,
+               shard_size: str) -> None:
+    """Turn a quantized checkpoint (bnb NF4/FP4 or GPTQ int4) back into a float checkpoint."""
+    started = time.time()
+    shard_bytes = _shard_bytes(shard_size)
+    check_output_path(out, force=force, inputs=[quantized])
+    with open_model(quantized) as reader:
+        if not isinstance(reader, DequantizingReader):
+            raise InputError("no quantized weights found", where=str(quantized),
+                             fix="`compress dequantize` reads outputs of `compress quantize` (bnb or gptq layouts).")
+        dtype = None if dtype_name == "original" else getattr(torch, dtype_name)
+        infos = reader.infos()
+        specs = [TensorSpec(i.name, dtype if (dtype and reader.is_quantized(i.name)) else i.dtype, i.shape)
+                 for i in infos]
+        with atomic_output_dir(out, force=force) as tmp:
+            writer = ShardedWriter(tmp, specs, shard_bytes)
+            try:
+                for info, spec in zip(infos, specs):
+                    writer.write(spec.name, reader.get(info.name).to(spec.dtype))
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            config = dict(reader.config or {})
+            if config:
+                if dtype is not None:
+                    config["dtype"] = dtype_name
+                write_json(tmp / "config.json", config)
+            for name, source in reader.extra_files().items():
+                (tmp / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
+            _write_provenance(tmp, "dequantize", quantized, out, started, torch.device("cpu"),
+                              {"format": reader.format.name, "dtype": dtype_name})
+    summary = {"output": str(out), "tensors": len(specs), "dequantized": sum(reader.is_quantized(i.name) for i in infos),
+               "bytes": sum(s.nbytes for s in specs)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        out_console.print(f"wrote {out}: {summary['dequantized']} weights dequantized, {summary['tensors']} tensors, "
+                          f"{human_bytes(summary['bytes'])}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor (default: a summary by kind).")
+def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
+    """Show what is inside a checkpoint: tensors, dtypes, sizes and quantization."""
+    with open_checkpoint(path) as raw:
+        fmt = format_of(raw)
+        qconfig = (raw.config or {}).get("quantization_config")
+        reader = DequantizingReader(raw, fmt) if fmt is not None else None
+        stored = raw.infos()
+        rows = []
+        stored_bytes = {i.name: i.nbytes for i in stored}
+        infos = reader.infos() if reader else stored
+        for info in infos:
+            if reader is not None and reader.is_quantized(info.name):
+                qt = reader.quantized(info.name)
+                keys = reader.format.stored_keys(info.name, set(stored_bytes))
+                desc = _describe_quantized(qt)
+                nbytes = sum(stored_bytes[k] for k in keys)
+            else:
+                desc, nbytes = "", info.nbytes
+            rows.append({"name": info.name, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."),
+                         "quantization": desc, "bytes": nbytes})
+        params = sum(_numel(r["shape"]) for r in rows)
+        total_bytes = sum(r["bytes"] for r in rows)
+        q_rows = [r for r in rows if r["quantization"]]
+        data = {
+            "path": str(path), "format": fmt.name if fmt else "float",
+            "quantization_config": qconfig, "model_type": (raw.config or {}).get("model_type"),
+            "tensors": len(rows), "parameters": params, "bytes": total_bytes,
+            "bits_per_parameter": 8 * total_bytes / params if params else 0.0,
+            "quantized_tensors": len(q_rows), "quantized_parameters": sum(_numel(r["shape"]) for r in q_rows),
+            "by_dtype": _group(rows, "dtype"), "by_quantization": _group(q_rows, "quantization"),
+            "tensor_list": rows if (show_tensors or as_json) else None,
+        }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    summary = Table(title=f"{path}", show_header=False)
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    summary.add_row("model type", str(data["model_type"]))
+    summary.add_row("layout", data["format"])
+    summary.add_row("tensors / parameters", f"{data['tensors']} / {params:,}")
+    summary.add_row("size", f"{human_bytes(total_bytes)} ({data['bits_per_parameter']:.2f} bits per parameter)")
+    summary.add_row("quantized tensors / parameters", f"{len(q_rows)} / {data['quantized_parameters']:,}")
+    for kind, g in data["by_quantization"].items():
+        summary.add_row(f"  {kind}", f"{g['tensors']} tensors, {human_bytes(g['bytes'])}")
+    for kind, g in data["by_dtype"].items():
+        summary.add_row(f"dtype {kind}", f"{g['tensors']} tensors, {human_bytes(g['bytes'])}")
+    out_console.print(summary)
+    if show_tensors:
+        table = Table()
+        for col in ("tensor", "shape", "dtype", "quantization", "bytes"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"], r["quantization"] or "-",
+                          human_bytes(r["bytes"]))
+        out_console.print(table)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _group(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]]:
+    groups: dict[str, dict[str, int]] = {}
+    for r in rows:
+        g = groups.setdefault(r[key], {"tensors": 0, "bytes": 0})
+        g["tensors"] += 1
+        g["bytes"] += r["bytes"]
+    return groups
+
+
+def _describe_quantized(qt: Any) -> str:
+    from compress.quant import Int4Tensor, NF4Tensor
+
+    if isinstance(qt, NF4Tensor):
+        return f"{qt.quant_type} b{qt.block_size}" + (" +dq" if qt.double_quant else "")
+    if isinstance(qt, Int4Tensor):
+        return f"int4 g{qt.group_size} {'sym' if qt.symmetric else 'asym'}"
+    return type(qt).__name__
+
+
+@cli.command("methods")
+def list_methods() -> None:
+    """List quantization methods and output formats (from the registries)."""
+    table = Table(title="methods")
+    table.add_column("method")
+    table.add_column("what")
+    table.add_column("formats")
+    table.add_column("reference")
+    for m in METHODS.values():
+        table.add_row(m.name, m.summary, ", ".join(f.name for f in FORMATS.values() if m.name in f.methods), m.reference)
+    out_console.print(table)
+    formats = Table(title="formats")
+    formats.add_column("format")
+    formats.add_column("methods")
+    formats.add_column("what")
+    for f in FORMATS.values():
+        formats.add_row(f.name, ", ".join(f.methods), f.summary)
+    out_console.print(formats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one line and exit code 2 for every user error."""
+    try:
+        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+    except CompressError as e:
+        err_console.print(f"error: {e.message}", markup=False, highlight=False, soft_wrap=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted", markup=False)
+        return 130
+    except click.ClickException as e:
+        err_console.print(f"error: {' '.join(e.format_message().split())}", markup=False, highlight=False,
+                          soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted; nothing was written", markup=False)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

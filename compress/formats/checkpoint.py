@@ -1,0 +1,338 @@
+"""Reading checkpoints one tensor at a time.
+
+Every reader yields the same thing: an ordered list of :class:`TensorInfo` (known without loading
+any data) and ``get(name)`` returning one tensor. Nothing here loads a whole model: safetensors
+files are memory-mapped through ``safetensors.safe_open`` and a tensor is copied out only when it
+is asked for, so the caller decides how many tensors are alive at once.
+
+Supported inputs (see :func:`open_checkpoint`):
+
+- a Hugging Face checkpoint folder: ``config.json`` plus ``model.safetensors`` or shards listed in
+  ``model.safetensors.index.json``;
+- a single ``.safetensors`` file;
+- a ``.gguf`` file (llama.cpp), dequantized and renamed to Hugging Face names
+  (:mod:`compress.formats.gguf_reader`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import InputError
+
+# safetensors dtype names -> torch dtypes (the subset torch can hold).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+
+# Files of a checkpoint folder that are weights or weight indexes; everything else that is a plain
+# file (tokenizer, generation config, chat template, README, ...) is copied to the output as-is.
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Our own per-run files: they describe one run and are never carried into another run's output.
+RUN_FILES = ("report.json", "report.md", "compress_provenance.json")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about a stored tensor without reading its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path  # the file that holds it (for messages)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class CheckpointReader(ABC):
+    """A checkpoint opened for streaming. Use as a context manager."""
+
+    path: Path
+    config: dict[str, Any] | None
+
+    @abstractmethod
+    def infos(self) -> list[TensorInfo]:
+        """All tensors in storage order."""
+
+    @abstractmethod
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a CPU copy that the caller owns)."""
+
+    def extra_files(self) -> dict[str, bytes | Path]:
+        """Non-weight files to ship beside the weights: output name -> source path or content."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+        for info in self.infos():
+            yield info, self.get(info.name)
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and bounds-check a safetensors header without trusting it.
+
+    Checks what a truncated or hand-edited file gets wrong: the 8-byte length, the JSON, the dtype
+    names, that every tensor's byte range matches its shape and dtype, that ranges are contiguous
+    and that the data the header promises is really in the file.
+    """
+    where = str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(
+                    f"file is {size} bytes, too short to be safetensors", where=where,
+                    fix="The file is truncated or not a safetensors file; re-download or re-export it.",
+                )
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise InputError(
+                    f"header claims {header_len} bytes but the file has {size}", where=where,
+                    fix="The file is truncated or corrupt; re-download or re-export it.",
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror})", where=where,
+                         fix="Check that the path exists and is readable.") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"header is not valid JSON ({e})", where=where,
+                         fix="The file is corrupt; re-download or re-export it.") from e
+    if not isinstance(header, dict):
+        raise InputError("header is not a JSON object", where=where, fix="The file is corrupt.")
+    data_len = size - 8 - header_len
+    ranges = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise InputError(f"tensor '{name}' has a malformed header entry", where=where,
+                             fix="The file is corrupt; re-download or re-export it.")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise InputError(f"tensor '{name}' has unknown dtype {dtype!r}", where=where,
+                             fix="The file is corrupt or from a newer safetensors version.")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)):
+            raise InputError(f"tensor '{name}' has a malformed shape or offsets", where=where,
+                             fix="The file is corrupt; re-download or re-export it.")
+        numel = 1
+        for d in shape:
+            numel *= d
+        begin, end = offsets
+        if not 0 <= begin <= end or end - begin != numel * DTYPE_SIZES[dtype]:
+            raise InputError(
+                f"tensor '{name}' header says offsets {begin}..{end} but shape {shape} of {dtype} "
+                f"needs {numel * DTYPE_SIZES[dtype]} bytes", where=where,
+                fix="The header is corrupt; re-download or re-export the file.",
+            )
+        ranges.append((begin, end, name))
+    ranges.sort()
+    cursor = 0
+    for begin, end, name in ranges:
+        if begin != cursor:
+            raise InputError(f"tensor '{name}' data starts at byte {begin}, expected {cursor}",
+                             where=where, fix="The header is corrupt; re-download or re-export the file.")
+        cursor = end
+    if cursor > data_len:
+        raise InputError(
+            f"header promises {cursor} bytes of tensor data but the file holds {data_len}",
+            where=where, fix="The file is truncated; re-download or re-export it.",
+        )
+    return header
+
+
+class SafetensorsReader(CheckpointReader):
+    """One or more safetensors files (a single file, or the shards of a folder)."""
+
+    def __init__(self, path: Path, files: list[Path], config: dict[str, Any] | None,
+                 weight_map: dict[str, Path] | None = None) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self.config = config
+        self._infos: list[TensorInfo] = []
+        self._handles: dict[Path, Any] = {}
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            header = read_safetensors_header(file)
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # the Rust library's own checks
+                raise InputError(f"cannot open as safetensors ({e})", where=str(file),
+                                 fix="The file is corrupt; re-download or re-export it.") from e
+            entries = sorted(((v["data_offsets"][0], k, v) for k, v in header.items()
+                              if k != "__metadata__"), key=lambda t: t[0])
+            for _, name, entry in entries:
+                if weight_map is not None and weight_map.get(name) != file:
+                    continue  # the index decides which shard owns a name
+                if name in self._file_of:
+                    raise InputError(f"tensor '{name}' appears in two shards", where=str(file),
+                                     fix="Fix model.safetensors.index.json so each tensor has one shard.")
+                if entry["dtype"] not in SAFETENSORS_DTYPES:
+                    raise InputError(f"tensor '{name}' has dtype {entry['dtype']}, which torch cannot load",
+                                     where=str(file), fix="Convert the checkpoint to a float dtype first.")
+                self._file_of[name] = file
+                self._infos.append(TensorInfo(name, tuple(entry["shape"]),
+                                              SAFETENSORS_DTYPES[entry["dtype"]], file))
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._file_of))
+            if missing:
+                raise InputError(
+                    f"index lists tensor '{missing[0]}' in {weight_map[missing[0]].name} but that shard "
+                    f"does not contain it ({len(missing)} such tensors)", where=str(path),
+                    fix="The index and the shards disagree; re-download the checkpoint.",
+                )
+        self._extra = _extra_files(path) if path.is_dir() else {}
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file_of.get(name)
+        if file is None:
+            raise KeyError(name)
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:
+            raise InputError(f"cannot read tensor '{name}' ({e})", where=str(file),
+                             fix="The file is corrupt; re-download or re-export it.") from e
+
+    def extra_files(self) -> dict[str, bytes | Path]:
+        return dict(self._extra)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _extra_files(folder: Path) -> dict[str, bytes | Path]:
+    """Plain files of a checkpoint folder that are not weights (tokenizer, generation config...)."""
+    out: dict[str, bytes | Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if (p.name.endswith(WEIGHT_FILE_SUFFIXES) or p.name in WEIGHT_INDEX_NAMES or p.name in RUN_FILES
+                or p.name == "config.json"):
+            continue
+        out[p.name] = p
+    return out
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror})", where=str(path),
+                         fix="Check that it exists and is readable.") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", where=str(path), fix="Fix or re-download the file.") from e
+
+
+def _open_folder(folder: Path) -> CheckpointReader:
+    config_path = folder / "config.json"
+    config = _load_json(config_path) if config_path.is_file() else None
+    if config is not None and not isinstance(config, dict):
+        raise InputError("config.json is not a JSON object", where=str(config_path), fix="Fix the file.")
+    index_path = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index_path.is_file():
+        index = _load_json(index_path)
+        weight_map_raw = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map_raw, dict) or not weight_map_raw:
+            raise InputError("index has no 'weight_map' object", where=str(index_path),
+                             fix="Re-download the checkpoint or remove the broken index.")
+        root = folder.resolve()
+        weight_map: dict[str, Path] = {}
+        for tensor, shard in weight_map_raw.items():
+            if not isinstance(shard, str):
+                raise InputError(f"index maps '{tensor}' to a non-string", where=str(index_path),
+                                 fix="Fix the index.")
+            shard_path = (folder / shard).resolve()
+            if shard_path.parent != root or os.path.isabs(shard):
+                raise InputError(f"index points tensor '{tensor}' to '{shard}', outside the checkpoint folder",
+                                 where=str(index_path),
+                                 fix="Shards must be files directly inside the folder; fix the index.")
+            if not shard_path.is_file():
+                raise InputError(f"index names shard '{shard}' (for '{tensor}') but it does not exist",
+                                 where=str(index_path), fix="Re-download the missing shard.")
+            weight_map[tensor] = shard_path
+        files = sorted(set(weight_map.values()))
+        return SafetensorsReader(folder, files, config, weight_map)
+    if single.is_file():
+        return SafetensorsReader(folder, [single.resolve()], config)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return open_checkpoint(ggufs[0])
+    if (folder / "pytorch_model.bin").exists() or (folder / "pytorch_model.bin.index.json").exists():
+        raise InputError("only pickle weights (pytorch_model.bin) found", where=str(folder),
+                         fix="Pickle files can run code; convert to safetensors first "
+                             "(model.save_pretrained(dir, safe_serialization=True)).")
+    raise InputError("no model.safetensors, model.safetensors.index.json or .gguf file", where=str(folder),
+                     fix="Point at a Hugging Face checkpoint folder, a .safetensors file or a .gguf file.")
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
+    """Open a checkpoint for streaming (folder, .safetensors or .gguf); errors are InputError."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or folder", where=str(p), fix="Check the path.")
+    if p.is_dir():
+        return _open_folder(p)
+    if not os.access(p, os.R_OK):
+        raise InputError("file is not readable", where=str(p), fix="Check its permissions.")
+    if p.suffix == ".gguf":
+        from compress.formats.gguf_reader import GGUFReader
+
+        return GGUFReader(p)
+    if p.suffix == ".safetensors":
+        config_path = p.parent / "config.json"
+        config = _load_json(config_path) if config_path.is_file() else None
+        return SafetensorsReader(p, [p.resolve()], config if isinstance(config, dict) else None)
+    raise InputError(f"unknown file type '{p.suffix}'", where=str(p),
+                     fix="Give a checkpoint folder, a .safetensors file or a .gguf file.")

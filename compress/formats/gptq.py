@@ -1,0 +1,124 @@
+"""GPTQ int4 layout (transformers/optimum/gptqmodel, vLLM, TGI, exllama).
+
+Per quantized Linear ``P`` with in = in_features, out = out_features, G = group size
+(shared/reference/formats.md, section 2):
+
+    P.qweight  int32 [in / 8, out]          input row 8r + j in bits 4j..4j+3 of qweight[r, o]
+    P.qzeros   int32 [n_groups, out / 8]    zero points packed the same way along the output dim
+    P.scales   float16 [n_groups, out]
+    P.g_idx    int32 [in]                   i // G (no act-order)
+
+    W[o, i] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])
+
+``checkpoint_format`` "gptq" (v1) stores z - 1, which loaders undo by adding 1 to every nibble; a
+v1 nibble for z = 0 would underflow into its neighbour, so asymmetric checkpoints (which can have
+z = 0) are written as "gptq_v2", which stores z itself. Symmetric ones are written as v1, the form
+every loader reads. n_groups = ceil(in / G): a shorter last group is expressed through g_idx.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from compress.formats.base import WeightFormat, module_name
+from compress.formats.writer import TensorSpec
+from compress.quant.base import QuantizedTensor
+from compress.quant.int4 import Int4Config, Int4Tensor
+
+
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [8k, m] in 0..15 -> int32 [k, m]: row 8r + j goes to bits 4j..4j+3 of row r."""
+    rows, cols = q.shape
+    q = q.to(torch.int64).reshape(rows // 8, 8, cols)
+    shifts = (torch.arange(8, device=q.device, dtype=torch.int64) * 4).view(1, 8, 1)
+    words = (q << shifts).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4_rows(words: torch.Tensor) -> torch.Tensor:
+    """int32 [k, m] -> uint8 [8k, m] (inverse of :func:`pack_int4_rows`)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(8, device=w.device, dtype=torch.int64) * 4).view(1, 8, 1)
+    q = (w.unsqueeze(1) >> shifts) & 0xF
+    return q.reshape(-1, words.shape[1]).to(torch.uint8)
+
+
+class GptqFormat(WeightFormat):
+    name = "gptq"
+    summary = "GPTQ int4 (qweight/qzeros/scales/g_idx; transformers+gptqmodel, vLLM, TGI, exllama)"
+    methods = ("int4",)
+
+    def unsupported(self, shape: tuple[int, ...], config: Any) -> str | None:
+        if len(shape) != 2:
+            return f"GPTQ holds Linear weights [out, in], not shape {list(shape)}"
+        out_features, in_features = shape
+        if in_features % 8 or out_features % 8:
+            return f"GPTQ packs 8 codes per int32: shape [{out_features}, {in_features}] needs both sizes multiples of 8"
+        return None
+
+    def packed_specs(self, weight_name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                     config: Int4Config) -> list[TensorSpec]:
+        out_features, in_features = shape
+        groups = -(-in_features // config.group_size)
+        p = module_name(weight_name)
+        return [
+            TensorSpec(f"{p}.qweight", torch.int32, (in_features // 8, out_features)),
+            TensorSpec(f"{p}.qzeros", torch.int32, (groups, out_features // 8)),
+            TensorSpec(f"{p}.scales", torch.float16, (groups, out_features)),
+            TensorSpec(f"{p}.g_idx", torch.int32, (in_features,)),
+        ]
+
+    def pack(self, weight_name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        assert isinstance(qt, Int4Tensor)
+        p = module_name(weight_name)
+        stored_zeros = qt.zeros - 1 if qt.symmetric else qt.zeros  # v1 stores z - 1 (8 -> 7)
+        return {
+            f"{p}.qweight": pack_int4_rows(qt.codes.t()),
+            # zeros [out, groups]: pack 8 output channels per word, then store as [groups, out / 8]
+            f"{p}.qzeros": pack_int4_rows(stored_zeros).t().contiguous(),
+            f"{p}.scales": qt.scales.t().to(torch.float16).contiguous(),
+            f"{p}.g_idx": qt.group_index().to(torch.int32),
+        }
+
+    def quantization_config(self, config: Int4Config, dtype: torch.dtype, kept_modules: list[str],
+                            quantized_modules: list[str]) -> dict[str, Any]:
+        qc: dict[str, Any] = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": config.group_size,
+            "desc_act": False,
+            "sym": config.symmetric,
+            "checkpoint_format": "gptq" if config.symmetric else "gptq_v2",
+        }
+        return qc
+
+    def weight_names(self, keys: set[str]) -> list[str]:
+        return sorted(k.removesuffix(".qweight") + ".weight" for k in keys if k.endswith(".qweight"))
+
+    def stored_keys(self, weight_name: str, keys: set[str]) -> list[str]:
+        p = module_name(weight_name)
+        return [k for k in (f"{p}.qweight", f"{p}.qzeros", f"{p}.scales", f"{p}.g_idx") if k in keys]
+
+    def unpack(self, weight_name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
+               dtype: torch.dtype) -> QuantizedTensor:
+        p = module_name(weight_name)
+        if int(quantization_config.get("bits", 4)) != 4:
+            raise ValueError(f"only 4-bit GPTQ is supported, got bits={quantization_config.get('bits')}")
+        codes = unpack_int4_rows(tensors[f"{p}.qweight"]).t().contiguous()  # [out, in]
+        zeros = unpack_int4_rows(tensors[f"{p}.qzeros"].t().contiguous())  # [out, groups]
+        if quantization_config.get("checkpoint_format", "gptq") != "gptq_v2":
+            zeros = (zeros.to(torch.int16) + 1).to(torch.uint8)  # v1 stores z - 1
+        scales = tensors[f"{p}.scales"].float().t().contiguous()  # [out, groups]
+        g_idx = tensors[f"{p}.g_idx"].long()
+        out_features, in_features = codes.shape
+        group_size = int(quantization_config.get("group_size", -1))
+        if group_size <= 0:
+            group_size = in_features
+        if not torch.equal(g_idx, torch.arange(in_features) // group_size):
+            raise ValueError(f"{p}: act-order (desc_act) g_idx is not supported")
+        return Int4Tensor(shape=(out_features, in_features), dtype=dtype, codes=codes, scales=scales,
+                          zeros=zeros,
+                          group_size=group_size, symmetric=bool(quantization_config.get("sym", False)),
+                          scale_dtype=torch.float16)

@@ -1,0 +1,145 @@
+"""Plan: decide, before any data is read, what happens to each tensor and what gets written.
+
+A plan lists every input tensor with its action (quantize or keep), the reason, and the exact
+tensors that will be written for it. From it come the dry run, the projected size and the shard
+layout of the streaming writer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compress.errors import InputError, OptionError
+from compress.formats.base import WeightFormat, module_name
+from compress.formats.checkpoint import TensorInfo
+from compress.formats.writer import TensorSpec
+
+QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# A tensor inside a repeated transformer block: '...layers.3.', '...h.3.', '...block.3.', ...
+BLOCK_PATTERN = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
+EMBEDDING_PATTERN = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings"
+                               r"|relative_attention_bias|shared\.weight)")
+HEAD_PATTERN = re.compile(r"(^|\.)(lm_head|output|classifier|score|qa_outputs)\.weight$")
+
+
+def default_choice(info: TensorInfo) -> tuple[bool, str]:
+    """Whether a tensor is quantized by default, and why (the report shows the reason)."""
+    if not info.dtype.is_floating_point:
+        return False, "not a float tensor"
+    if len(info.shape) == 1:
+        return False, "1-D (norm scale or bias)"
+    if len(info.shape) != 2:
+        return False, f"{len(info.shape)}-D tensor, not a Linear weight"
+    if not info.name.endswith(".weight"):
+        return False, "not a '.weight' tensor"
+    if EMBEDDING_PATTERN.search(info.name):
+        return False, "embedding"
+    if HEAD_PATTERN.search(info.name):
+        return False, "output head"
+    if not BLOCK_PATTERN.search(info.name):
+        return False, "outside the transformer blocks"
+    return True, "Linear weight in a transformer block"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one input tensor."""
+
+    info: TensorInfo
+    quantize: bool
+    reason: str
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.nbytes for s in self.outputs)
+
+
+@dataclass
+class Plan:
+    """The whole job: every tensor in input order, plus the method, config and format."""
+
+    method: str
+    config: Any
+    format: WeightFormat
+    entries: list[TensorPlan] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[TensorPlan]:
+        return [e for e in self.entries if e.quantize]
+
+    @property
+    def kept(self) -> list[TensorPlan]:
+        return [e for e in self.entries if not e.quantize]
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(e.info.nbytes for e in self.entries)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(e.output_bytes for e in self.entries)
+
+    def output_specs(self) -> list[TensorSpec]:
+        return [s for e in self.entries for s in e.outputs]
+
+    def kept_reasons(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for e in self.kept:
+            counts[e.reason] = counts.get(e.reason, 0) + 1
+        return counts
+
+    def kept_linear_modules(self) -> list[str]:
+        """Modules of kept 2-D '.weight' tensors (loaders must not convert them)."""
+        return [module_name(e.info.name) for e in self.kept
+                if len(e.info.shape) == 2 and e.info.name.endswith(".weight")]
+
+
+def compile_regex(pattern: str | None, option: str) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise OptionError(f"{option} {pattern!r} is not a valid regular expression ({e})",
+                          fix="Quote the pattern and check its syntax.") from e
+
+
+def make_plan(infos: list[TensorInfo], method: str, config: Any, fmt: WeightFormat, *,
+              include: str | None = None, exclude: str | None = None) -> Plan:
+    """Decide each tensor's fate. ``include``/``exclude`` are regexes searched in tensor names:
+    include adds 2-D float weights to the default selection, exclude removes tensors from it."""
+    include_re = compile_regex(include, "--include")
+    exclude_re = compile_regex(exclude, "--exclude")
+    plan = Plan(method=method, config=config, format=fmt)
+    for info in infos:
+        chosen, reason = default_choice(info)
+        if include_re is not None and include_re.search(info.name) and not chosen:
+            if info.dtype.is_floating_point and len(info.shape) == 2:
+                chosen, reason = True, "selected by --include"
+        if exclude_re is not None and exclude_re.search(info.name) and chosen:
+            chosen, reason = False, "excluded by --exclude"
+        if chosen and info.dtype not in QUANTIZABLE_DTYPES:
+            raise InputError(f"tensor '{info.name}' is {str(info.dtype).removeprefix('torch.')}, which cannot be "
+                             "quantized", where=str(info.file),
+                             fix="Convert the checkpoint to float32, float16 or bfloat16, or --exclude the tensor.")
+        if chosen:
+            why_not = fmt.unsupported(info.shape, config)
+            if why_not is not None:
+                chosen, reason = False, f"kept: {why_not}"
+        if chosen:
+            outputs = tuple(fmt.packed_specs(info.name, info.shape, info.dtype, config))
+        else:
+            outputs = (TensorSpec(info.name, info.dtype, info.shape),)
+        plan.entries.append(TensorPlan(info=info, quantize=chosen, reason=reason, outputs=outputs))
+    names = [s.name for s in plan.output_specs()]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"two tensors would be written as '{dup}'",
+                         fix="The checkpoint already contains quantized tensors; dequantize it first.")
+    return plan

@@ -1,0 +1,197 @@
+"""The accuracy report of a quantize run: per tensor and in total, as JSON, Markdown and a rich table.
+
+Everything in report.json is a function of the inputs and options (no times, no paths), so two
+runs on the same device give identical reports; run-specific details go to the provenance file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from compress.metrics import ErrorMetrics
+
+
+@dataclass
+class TensorRow:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bits_per_weight: float
+    metrics: ErrorMetrics
+    note: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "bits_per_weight": self.bits_per_weight, **self.metrics.as_dict(),
+                **({"note": self.note} if self.note else {})}
+
+
+@dataclass
+class KeptRow:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "reason": self.reason}
+
+
+@dataclass
+class QuantizeReport:
+    method: str
+    parameters: dict[str, Any]
+    format: str
+    quantized: list[TensorRow] = field(default_factory=list)
+    kept: list[KeptRow] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    # -- totals ---------------------------------------------------------------------------------
+    @property
+    def params_quantized(self) -> int:
+        return sum(r.numel for r in self.quantized)
+
+    @property
+    def params_kept(self) -> int:
+        return sum(math.prod(k.shape) for k in self.kept)
+
+    @property
+    def bits_per_quantized_weight(self) -> float:
+        n = self.params_quantized
+        return sum(r.bits_per_weight * r.numel for r in self.quantized) / n if n else 0.0
+
+    def worst(self) -> list[TensorRow]:
+        return sorted(self.quantized, key=lambda r: (-r.metrics.rel_fro, r.name))
+
+    def totals(self) -> dict[str, Any]:
+        n = self.params_quantized
+        worst = self.worst()
+        # Parameter-weighted mean of squared relative errors: the relative error of the whole model's
+        # quantized weights if every tensor had equal norm per parameter.
+        mean_rel = math.sqrt(sum(r.metrics.rel_fro**2 * r.numel for r in self.quantized) / n) if n else 0.0
+        kept_by_reason: dict[str, int] = {}
+        for k in self.kept:
+            kept_by_reason[k.reason] = kept_by_reason.get(k.reason, 0) + 1
+        total_params = n + self.params_kept
+        return {
+            "tensors_quantized": len(self.quantized),
+            "tensors_kept": len(self.kept),
+            "params_quantized": n,
+            "params_kept": self.params_kept,
+            "bits_per_quantized_weight": self.bits_per_quantized_weight,
+            "bits_per_param_overall": 8 * self.bytes_after / total_params if total_params else 0.0,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "compression_ratio": self.bytes_before / self.bytes_after if self.bytes_after else 0.0,
+            "rms_rel_fro": mean_rel,
+            "worst_rel_fro": worst[0].metrics.rel_fro if worst else 0.0,
+            "worst_tensor": worst[0].name if worst else None,
+            "min_sqnr_db": min((r.metrics.sqnr_db for r in self.quantized), default=0.0),
+            "min_cosine": min((r.metrics.cosine for r in self.quantized), default=1.0),
+            "kept_by_reason": kept_by_reason,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "parameters": self.parameters,
+            "format": self.format,
+            "totals": self.totals(),
+            "notes": self.notes,
+            "quantized": [r.as_dict() for r in self.worst()],
+            "kept": [k.as_dict() for k in self.kept],
+        }
+
+    # -- rendering ------------------------------------------------------------------------------
+    def to_markdown(self) -> str:
+        t = self.totals()
+        lines = [
+            f"# Quantization report: {self.method} ({self.format})",
+            "",
+            f"Parameters: `{self.parameters}`",
+            "",
+            "| total | value |",
+            "|---|---|",
+            f"| tensors quantized / kept | {t['tensors_quantized']} / {t['tensors_kept']} |",
+            f"| parameters quantized / kept | {t['params_quantized']:,} / {t['params_kept']:,} |",
+            f"| bits per quantized weight | {t['bits_per_quantized_weight']:.3f} |",
+            f"| bits per parameter, whole checkpoint | {t['bits_per_param_overall']:.3f} |",
+            f"| size before / after | {human_bytes(t['bytes_before'])} / {human_bytes(t['bytes_after'])} "
+            f"({t['compression_ratio']:.2f}x smaller) |",
+            f"| RMS relative Frobenius error | {t['rms_rel_fro']:.4f} |",
+            f"| worst relative Frobenius error | {t['worst_rel_fro']:.4f} (`{t['worst_tensor']}`) |",
+            f"| lowest SQNR / cosine | {t['min_sqnr_db']:.2f} dB / {t['min_cosine']:.5f} |",
+            "",
+        ]
+        if self.notes:
+            lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
+        lines += ["## Quantized tensors (worst first)", "",
+                  "| tensor | shape | bits/w | rel. Frobenius | SQNR dB | max abs | cosine |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in self.worst():
+            m = r.metrics
+            lines.append(f"| `{r.name}` | {list(r.shape)} | {r.bits_per_weight:.3f} | {m.rel_fro:.4f} | "
+                         f"{m.sqnr_db:.2f} | {m.max_abs:.4g} | {m.cosine:.5f} |")
+        lines += ["", "## Kept tensors", "", "| reason | count |", "|---|---|"]
+        for reason, count in t["kept_by_reason"].items():
+            lines.append(f"| {reason} | {count} |")
+        return "\n".join(lines) + "\n"
+
+    def rich_tables(self, limit: int = 15) -> list[Any]:
+        from rich.table import Table
+
+        t = self.totals()
+        rows = Table(title=f"{self.method} → {self.format}: quantized tensors, worst first"
+                     + (f" (top {limit} of {len(self.quantized)})" if len(self.quantized) > limit else ""))
+        for col in ("tensor", "shape", "bits/w", "rel. Frob.", "SQNR dB", "max abs", "cosine"):
+            rows.add_column(col, justify="left" if col == "tensor" else "right")
+        for r in self.worst()[:limit]:
+            m = r.metrics
+            rows.add_row(r.name, "×".join(map(str, r.shape)), f"{r.bits_per_weight:.3f}", f"{m.rel_fro:.4f}",
+                         f"{m.sqnr_db:.2f}", f"{m.max_abs:.3g}", f"{m.cosine:.5f}")
+        summary = Table(title="totals", show_header=False)
+        summary.add_column("what")
+        summary.add_column("value", justify="right")
+        summary.add_row("tensors quantized / kept", f"{t['tensors_quantized']} / {t['tensors_kept']}")
+        summary.add_row("parameters quantized / kept", f"{t['params_quantized']:,} / {t['params_kept']:,}")
+        summary.add_row("bits per quantized weight", f"{t['bits_per_quantized_weight']:.3f}")
+        summary.add_row("size before → after", f"{human_bytes(t['bytes_before'])} → {human_bytes(t['bytes_after'])}"
+                        f" ({t['compression_ratio']:.2f}x)")
+        summary.add_row("RMS / worst rel. Frobenius", f"{t['rms_rel_fro']:.4f} / {t['worst_rel_fro']:.4f}")
+        for reason, count in t["kept_by_reason"].items():
+            summary.add_row(f"kept: {reason}", str(count))
+        return [rows, summary]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '500MB', '2GiB', '123' (bytes). ValueError if malformed."""
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "K": 1000, "M": 1000**2, "G": 1000**3,
+             "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            number = s[: -len(unit)]
+            break
+    else:
+        number, factor = s, 1
+    value = float(number)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return int(value * factor)

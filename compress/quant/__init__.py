@@ -1,0 +1,97 @@
+"""Quantization methods: one registry entry per method, each a pure tensor -> tensor function.
+
+``METHODS[name].quantize(W, config)`` returns a :class:`~compress.quant.base.QuantizedTensor`;
+``--help`` and ``compress methods`` are generated from this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compress.quant.base import QuantizedTensor
+from compress.quant.int4 import Int4Config, Int4Tensor, quantize_int4
+from compress.quant.nf4 import NF4Config, NF4Tensor, quantize_nf4
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """A registered quantization method."""
+
+    name: str
+    summary: str
+    config_cls: type
+    quantize: Callable[[torch.Tensor, Any], QuantizedTensor]
+    default_format: str
+    reference: str
+
+
+METHODS: dict[str, QuantMethod] = {
+    "nf4": QuantMethod(
+        name="nf4",
+        summary="4-bit NormalFloat, block-wise absmax (bitsandbytes / QLoRA); --block-size, --double-quant",
+        config_cls=NF4Config,
+        quantize=quantize_nf4,
+        default_format="bnb",
+        reference="https://arxiv.org/abs/2305.14314",
+    ),
+    "fp4": QuantMethod(
+        name="fp4",
+        summary="bitsandbytes' 4-bit float (e2m1), block-wise absmax; --block-size, --double-quant",
+        config_cls=NF4Config,
+        quantize=quantize_nf4,
+        default_format="bnb",
+        reference="https://arxiv.org/abs/2305.14314",
+    ),
+    "int4": QuantMethod(
+        name="int4",
+        summary="4-bit integers, group-wise round-to-nearest along the input (GPTQ layout); "
+        "--group-size, --sym/--asym",
+        config_cls=Int4Config,
+        quantize=quantize_int4,
+        default_format="gptq",
+        reference="https://arxiv.org/abs/2210.17323",
+    ),
+}
+
+
+def make_config(method: str, *, block_size: int = 64, double_quant: bool = False, group_size: int = 128,
+                symmetric: bool = False) -> NF4Config | Int4Config:
+    """Build the method's frozen config from CLI-style options (ValueError if invalid)."""
+    if method in ("nf4", "fp4"):
+        return NF4Config(block_size=block_size, double_quant=double_quant, quant_type=method)
+    if method == "int4":
+        return Int4Config(group_size=group_size, symmetric=symmetric)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def describe_config(config: NF4Config | Int4Config) -> str:
+    """Short human description, e.g. 'nf4 b64 +dq' or 'int4 g128 asym'."""
+    if isinstance(config, NF4Config):
+        return f"{config.quant_type} b{config.block_size}" + (" +dq" if config.double_quant else "")
+    return f"int4 g{config.group_size} {'sym' if config.symmetric else 'asym'}"
+
+
+def config_to_dict(config: NF4Config | Int4Config) -> dict[str, Any]:
+    """JSON-ready parameters of a method config (for reports and provenance)."""
+    if isinstance(config, NF4Config):
+        return {"method": config.quant_type, "block_size": config.block_size, "double_quant": config.double_quant}
+    return {"method": "int4", "group_size": config.group_size, "symmetric": config.symmetric,
+            "scale_dtype": str(config.scale_dtype).removeprefix("torch.")}
+
+
+__all__ = [
+    "METHODS",
+    "Int4Config",
+    "Int4Tensor",
+    "NF4Config",
+    "NF4Tensor",
+    "QuantMethod",
+    "QuantizedTensor",
+    "config_to_dict",
+    "describe_config",
+    "make_config",
+]
