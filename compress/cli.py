@@ -38,6 +38,7 @@ from compress.quant import METHODS, config_to_dict, describe_config, make_config
 
 err_console = Console(stderr=True)
 out_console = Console()
+_invocation: list[str] = []  # the command line of this run, for provenance
 
 METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 FORMAT_HELP = "; ".join(f"{f.name} ({'/'.join(f.methods)}): {f.summary}" for f in FORMATS.values())
@@ -64,7 +65,8 @@ def common_output_options(f: Any) -> Any:
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Output folder (required unless --dry-run).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Output folder (required unless --dry-run).")
 @click.option("--method", type=click.Choice(list(METHODS)), default="nf4", show_default=True, help=METHOD_HELP)
 @click.option("--format", "format_name", type=click.Choice(list(FORMATS)), default=None,
               help=f"Output layout (default: the method's natural one). {FORMAT_HELP}")
@@ -132,7 +134,8 @@ def _shard_bytes(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as e:
-        raise OptionError(f"--shard-size {text!r} is not a size", fix="Use a number with a unit, e.g. 5GB or 500MB.") from e
+        raise OptionError(f"--shard-size {text!r} is not a size",
+                          fix="Use a number with a unit, e.g. 5GB or 500MB.") from e
 
 
 def _run_with_progress(plan: Plan, reader: CheckpointReader, tmp: Path, device: torch.device, shard_bytes: int,
@@ -155,7 +158,8 @@ def _show_plan(plan: Plan, as_json: bool) -> None:
     data = {
         "method": plan.method, "parameters": config_to_dict(plan.config), "format": plan.format.name,
         "bytes_before": plan.input_bytes, "bytes_after": plan.output_bytes,
-        "tensors": [{"name": e.info.name, "shape": list(e.info.shape), "dtype": str(e.info.dtype).removeprefix("torch."),
+        "tensors": [{"name": e.info.name, "shape": list(e.info.shape),
+                     "dtype": str(e.info.dtype).removeprefix("torch."),
                      "action": "quantize" if e.quantize else "keep", "reason": e.reason,
                      "bytes_before": e.info.nbytes, "bytes_after": e.output_bytes} for e in plan.entries],
     }
@@ -163,7 +167,8 @@ def _show_plan(plan: Plan, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     table = Table(title=f"plan: {describe_config(plan.config)} → {plan.format.name} (dry run, nothing written)")
-    for col in ("tensor", "shape", "dtype", "action", "reason", "bytes → after"):
+    table.add_column("tensor", overflow="fold", min_width=24)
+    for col in ("shape", "dtype", "action", "reason", "bytes → after"):
         table.add_column(col)
     for e in plan.entries:
         table.add_row(e.info.name, "×".join(map(str, e.info.shape)), str(e.info.dtype).removeprefix("torch."),
@@ -178,7 +183,7 @@ def _write_provenance(folder: Path, command: str, source: Path, out: Path, start
                       details: dict[str, Any]) -> None:
     finished = time.time()
     write_json(folder / "compress_provenance.json", {
-        "tool": "compress", "version": __version__, "command": command, "argv": sys.argv,
+        "tool": "compress", "version": __version__, "command": command, "argv": ["compress", *_invocation],
         **details,
         "input": str(source.resolve()), "output": str(out.resolve()), "device": str(device),
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
@@ -211,7 +216,7 @@ def dequantize(quantized: Path, out: Path, dtype_name: str, force: bool, quiet: 
         with atomic_output_dir(out, force=force) as tmp:
             writer = ShardedWriter(tmp, specs, shard_bytes)
             try:
-                for info, spec in zip(infos, specs):
+                for info, spec in zip(infos, specs, strict=True):
                     writer.write(spec.name, reader.get(info.name).to(spec.dtype))
             except BaseException:
                 writer.abort()
@@ -226,8 +231,8 @@ def dequantize(quantized: Path, out: Path, dtype_name: str, force: bool, quiet: 
                 (tmp / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
             _write_provenance(tmp, "dequantize", quantized, out, started, torch.device("cpu"),
                               {"format": reader.format.name, "dtype": dtype_name})
-    summary = {"output": str(out), "tensors": len(specs), "dequantized": sum(reader.is_quantized(i.name) for i in infos),
-               "bytes": sum(s.nbytes for s in specs)}
+    summary = {"output": str(out), "tensors": len(specs),
+               "dequantized": sum(reader.is_quantized(i.name) for i in infos), "bytes": sum(s.nbytes for s in specs)}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -289,8 +294,9 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
     out_console.print(summary)
     if show_tensors:
         table = Table()
-        for col in ("tensor", "shape", "dtype", "quantization", "bytes"):
-            table.add_column(col)
+        table.add_column("tensor", overflow="fold", min_width=24)
+        for col in ("shape", "dtype", "quantization", "bytes"):
+            table.add_column(col, no_wrap=True)
         for r in rows:
             table.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"], r["quantization"] or "-",
                           human_bytes(r["bytes"]))
@@ -332,7 +338,8 @@ def list_methods() -> None:
     table.add_column("formats")
     table.add_column("reference")
     for m in METHODS.values():
-        table.add_row(m.name, m.summary, ", ".join(f.name for f in FORMATS.values() if m.name in f.methods), m.reference)
+        formats = ", ".join(f.name for f in FORMATS.values() if m.name in f.methods)
+        table.add_row(m.name, m.summary, formats, m.reference)
     out_console.print(table)
     formats = Table(title="formats")
     formats.add_column("format")
@@ -345,6 +352,7 @@ def list_methods() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one line and exit code 2 for every user error."""
+    _invocation[:] = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=argv, prog_name="compress", standalone_mode=False)
     except CompressError as e:

@@ -131,7 +131,8 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 raise InputError(
-                    f"header claims {header_len} bytes but the file has {size}", where=where,
+                    f"header claims {header_len} bytes but only {size - 8} follow its 8-byte length "
+                    f"(limit {MAX_HEADER_BYTES})", where=where,
                     fix="The file is truncated or corrupt; re-download or re-export it.",
                 )
             raw = f.read(header_len)
@@ -139,7 +140,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         raise InputError(f"cannot read file ({e.strerror})", where=where,
                          fix="Check that the path exists and is readable.") from e
     try:
-        header = json.loads(raw)
+        header = json.loads(raw.decode("utf-8"))  # the format says UTF-8 (json.loads(bytes) would guess)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"header is not valid JSON ({e})", where=where,
                          fix="The file is corrupt; re-download or re-export it.") from e
@@ -287,17 +288,22 @@ def _open_folder(folder: Path) -> CheckpointReader:
         if not isinstance(weight_map_raw, dict) or not weight_map_raw:
             raise InputError("index has no 'weight_map' object", where=str(index_path),
                              fix="Re-download the checkpoint or remove the broken index.")
-        root = folder.resolve()
         weight_map: dict[str, Path] = {}
         for tensor, shard in weight_map_raw.items():
             if not isinstance(shard, str):
                 raise InputError(f"index maps '{tensor}' to a non-string", where=str(index_path),
                                  fix="Fix the index.")
-            shard_path = (folder / shard).resolve()
-            if shard_path.parent != root or os.path.isabs(shard):
-                raise InputError(f"index points tensor '{tensor}' to '{shard}', outside the checkpoint folder",
+            if os.path.isabs(shard):
+                raise InputError(f"index points tensor '{tensor}' to the absolute path '{shard}'",
                                  where=str(index_path),
+                                 fix="Shards must be named by their file name inside the folder; fix the index.")
+            # Checked on the name, not the resolved path: shards may be symlinks to elsewhere (the
+            # Hugging Face cache links snapshots/<rev>/<shard> to blobs/<hash>).
+            if Path(shard).name != shard:
+                raise InputError(f"index points tensor '{tensor}' to '{shard}', which is not directly inside "
+                                 "the checkpoint folder", where=str(index_path),
                                  fix="Shards must be files directly inside the folder; fix the index.")
+            shard_path = (folder / shard).resolve()
             if not shard_path.is_file():
                 raise InputError(f"index names shard '{shard}' (for '{tensor}') but it does not exist",
                                  where=str(index_path), fix="Re-download the missing shard.")

@@ -55,7 +55,8 @@ class GptqFormat(WeightFormat):
             return f"GPTQ holds Linear weights [out, in], not shape {list(shape)}"
         out_features, in_features = shape
         if in_features % 8 or out_features % 8:
-            return f"GPTQ packs 8 codes per int32: shape [{out_features}, {in_features}] needs both sizes multiples of 8"
+            return (f"GPTQ packs 8 codes per int32: shape [{out_features}, {in_features}] needs both sizes "
+                    "multiples of 8")
         return None
 
     def packed_specs(self, weight_name: str, shape: tuple[int, ...], dtype: torch.dtype,

@@ -119,9 +119,9 @@ def make_plan(infos: list[TensorInfo], method: str, config: Any, fmt: WeightForm
     plan = Plan(method=method, config=config, format=fmt)
     for info in infos:
         chosen, reason = default_choice(info)
-        if include_re is not None and include_re.search(info.name) and not chosen:
-            if info.dtype.is_floating_point and len(info.shape) == 2:
-                chosen, reason = True, "selected by --include"
+        if (include_re is not None and include_re.search(info.name) and not chosen
+                and info.dtype.is_floating_point and len(info.shape) == 2):
+            chosen, reason = True, "selected by --include"
         if exclude_re is not None and exclude_re.search(info.name) and chosen:
             chosen, reason = False, "excluded by --exclude"
         if chosen and info.dtype not in QUANTIZABLE_DTYPES:

@@ -152,7 +152,10 @@ class QuantizeReport:
         rows = Table(title=f"{self.method} → {self.format}: quantized tensors, worst first"
                      + (f" (top {limit} of {len(self.quantized)})" if len(self.quantized) > limit else ""))
         for col in ("tensor", "shape", "bits/w", "rel. Frob.", "SQNR dB", "max abs", "cosine"):
-            rows.add_column(col, justify="left" if col == "tensor" else "right")
+            if col == "tensor":  # names must stay readable: fold them rather than cut them off
+                rows.add_column(col, overflow="fold", min_width=24)
+            else:
+                rows.add_column(col, justify="right", no_wrap=True)
         for r in self.worst()[:limit]:
             m = r.metrics
             rows.add_row(r.name, "×".join(map(str, r.shape)), f"{r.bits_per_weight:.3f}", f"{m.rel_fro:.4f}",
@@ -185,12 +188,8 @@ def parse_size(text: str) -> int:
     units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
              "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "K": 1000, "M": 1000**2, "G": 1000**3,
              "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            number = s[: -len(unit)]
-            break
-    else:
-        number, factor = s, 1
+    unit = next((u for u in units if s.endswith(u)), "")
+    number, factor = (s[: -len(unit)], units[unit]) if unit else (s, 1)
     value = float(number)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"size must be positive, got {text!r}")

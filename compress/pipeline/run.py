@@ -89,7 +89,8 @@ def execute(plan: Plan, reader: CheckpointReader, out_dir: Path, *, device: torc
                     bad = int((~torch.isfinite(W)).sum())
                     raise InputError(f"tensor '{info.name}' has {bad} non-finite values (NaN or inf)",
                                      where=str(info.file),
-                                     fix="The checkpoint is damaged; fix it, or --exclude this tensor to keep it as is.")
+                                     fix="The checkpoint is damaged; fix it, or --exclude this tensor to keep "
+                                         "it as is.")
                 qt = method.quantize(W, plan.config)
                 metrics = compare(W.float(), qt.dequantize(torch.float32))
                 packed = fmt.pack(info.name, qt.to("cpu"))
