@@ -73,7 +73,7 @@ def test_report_values_match_independent_computation(tiny_llama: Path, tmp_path:
         W = src[row["name"]]
         Wq = quantize_int4(W, make_config("int4", group_size=64)).dequantize(torch.float32)
         rel = (torch.linalg.vector_norm((W - Wq).double()) / torch.linalg.vector_norm(W.double())).item()
-        assert row["rel_fro"] == pytest.approx(rel, rel=1e-9)
+        assert row["rel_fro"] == pytest.approx(rel, rel=1e-6)  # float32 differences, float64 sums
         assert row["sqnr_db"] == pytest.approx(-20 * torch.log10(torch.tensor(rel, dtype=torch.float64)).item())
         assert row["max_abs"] == pytest.approx((W - Wq).abs().max().item(), rel=1e-6)
         assert 0.99 < row["cosine"] < 1.0

@@ -93,11 +93,17 @@ class NF4Tensor(QuantizedTensor):
                                          NESTED_BLOCK_SIZE) + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """out[j] = table[code_j] * absmax[j // block_size] in float32, then cast (as bitsandbytes)."""
         table = torch.tensor(TABLES[self.quant_type], dtype=torch.float32, device=self.codes.device)
         values = table[self.codes.long()]
-        n = values.numel()
-        scale = self.absmax_float().repeat_interleave(self.block_size)[:n]
-        return (values * scale).reshape(self.shape).to(dtype or self.dtype)
+        scale = self.absmax_float()
+        n, bs = values.numel(), self.block_size
+        full = n - n % bs
+        out = torch.empty_like(values)
+        out[:full] = (values[:full].view(-1, bs) * scale[: full // bs].unsqueeze(1)).view(-1)
+        if full < n:
+            out[full:] = values[full:] * scale[-1]
+        return out.reshape(self.shape).to(dtype or self.dtype)
 
     def storage_bits(self) -> int:
         n_blocks = self.absmax.numel()
