@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import platform
 import sys
 import time
@@ -33,7 +34,7 @@ from compress.formats.writer import (
 )
 from compress.pipeline.plan import Plan, make_plan
 from compress.pipeline.report import human_bytes, parse_size
-from compress.pipeline.run import execute, resolve_device, write_sidecar_files
+from compress.pipeline.run import execute, json_safe, resolve_device, write_sidecar_files
 from compress.quant import METHODS, config_to_dict, describe_config, make_config
 
 err_console = Console(stderr=True)
@@ -191,6 +192,128 @@ def _write_provenance(folder: Path, command: str, source: Path, out: Path, start
         "wall_seconds": round(finished - started, 3),
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
     })
+
+
+@cli.command("extract-lora")
+@click.option("--base", "base_path", required=True, type=click.Path(path_type=Path), help="The base checkpoint.")
+@click.option("--tuned", "tuned_path", required=True, type=click.Path(path_type=Path),
+              help="The fine-tuned checkpoint (same architecture).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Adapter folder (required unless --dry-run).")
+@click.option("--rank", type=int, default=None, help="Fixed rank for every module (default 16 when no rule is given).")
+@click.option("--energy", type=float, default=None,
+              help="Smallest rank whose retained energy sum(s_i^2)/||dW||^2 reaches this fraction (0, 1].")
+@click.option("--sv-threshold", type=float, default=None, help="Keep singular values above this absolute value.")
+@click.option("--max-rank", type=int, default=256, show_default=True, help="Cap for every rule.")
+@click.option("--svd", "engine", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="exact: full float32 SVD; randomized: range finder + power iterations; auto: randomized when the "
+                   "rank is at most 1/4 of the matrix's smaller side.")
+@click.option("--targets", default="all-linear", show_default=True,
+              help="'all-linear' (Linear weights in the transformer blocks) or a regex searched in weight names.")
+@click.option("--embeddings", type=click.Choice(["skip", "lora", "full"]), default="skip", show_default=True,
+              help="Embeddings and lm_head: skip (serving engines reject them), LoRA, or full copies "
+                   "(modules_to_save).")
+@click.option("--dtype", "dtype_name", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="dtype of the saved factors.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the math runs (auto: CUDA when available).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the largest possible adapter; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no tables.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically, after success).")
+def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
+                 sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
+                 dtype_name: str, seed: int, device: str, dry_run: bool, as_json: bool, quiet: bool,
+                 force: bool) -> None:
+    """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
+    from compress.lowrank.svd import RankRule
+    from compress.pipeline.extract import ExtractOptions, execute_extraction, plan_extraction
+
+    started = time.time()
+    if rank is None and energy is None and sv_threshold is None:
+        rank = 16
+    try:
+        rule = RankRule(rank=rank, energy=energy, sv_threshold=sv_threshold, max_rank=max_rank)
+        options = ExtractOptions(rule=rule, engine=engine, targets=targets, embeddings=embeddings,
+                                 dtype=getattr(torch, dtype_name), seed=seed)
+    except ValueError as e:
+        raise OptionError(str(e), fix="See `compress extract-lora --help`.") from e
+    torch_device = resolve_device(device)
+    if out is None and not dry_run:
+        raise OptionError("missing output folder", fix="Pass -o ADAPTER (or --dry-run to only see the plan).")
+    if out is not None and not dry_run:
+        check_output_path(out, force=force, inputs=[base_path, tuned_path])
+    with open_model(base_path) as base, open_model(tuned_path) as tuned:
+        plan = plan_extraction(base, tuned, options)
+        if dry_run:
+            rows = [{"name": e.name, "shape": list(e.shape), "action": e.action, "reason": e.reason}
+                    for e in plan.entries]
+            bound = plan.max_adapter_params(rule)
+            if as_json:
+                click.echo(json.dumps({"tensors": rows, "max_adapter_params": bound, "notes": plan.notes,
+                                       "only_in_base": plan.only_in_base, "only_in_tuned": plan.only_in_tuned},
+                                      indent=2))
+                return
+            table = Table(title="plan (dry run, nothing written)")
+            table.add_column("tensor", overflow="fold", min_width=24)
+            for col in ("shape", "action", "reason"):
+                table.add_column(col)
+            for r in rows:
+                table.add_row(r["name"], "×".join(map(str, r["shape"])), r["action"], r["reason"])
+            out_console.print(table)
+            out_console.print(f"at most {bound:,} adapter parameters under {rule}")
+            for note in plan.notes:
+                out_console.print(f"[yellow]note:[/] {note}")
+            return
+        assert out is not None
+        total = sum(math.prod(e.shape) * 4 for e in plan.entries)
+        with atomic_output_dir(out, force=force) as tmp:
+            spec, report = _with_progress(
+                "extract-lora", total, quiet or as_json,
+                lambda progress: execute_extraction(plan, base, tuned, options, device=torch_device,
+                                                    base_name=str(base_path), progress=progress))
+            if not spec.modules:
+                raise InputError("the tuned model does not differ from the base in any extractable module",
+                                 fix="Check that --tuned is really the fine-tuned model, or widen --targets.")
+            _write_adapter(tmp, spec)
+            write_json(tmp / "report.json", json_safe(report.as_dict()))
+            (tmp / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+            _write_provenance(tmp, "extract-lora", tuned_path, out, started, torch_device,
+                              {"base": str(base_path.resolve()), "rule": report.rule, "targets": targets,
+                               "embeddings": embeddings, "dtype": dtype_name, "seed": seed})
+    if as_json:
+        click.echo(json.dumps(json.loads((out / "report.json").read_text()), indent=2))
+    elif not quiet:
+        for table in report.rich_tables():
+            out_console.print(table)
+        for note in report.notes:
+            out_console.print(f"[yellow]note:[/] {note}")
+        out_console.print(f"wrote {out} ({human_bytes(report.adapter_bytes)}); report: {out / 'report.md'}")
+
+
+def _with_progress(label: str, total: int, quiet: bool, work: Any) -> Any:
+    """Run ``work(progress_callback)`` under a rich progress bar (or none when quiet)."""
+    if quiet:
+        return work(None)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err_console,
+                  transient=True) as progress:
+        task = progress.add_task(label, total=total)
+
+        def advance(name: str, nbytes: int) -> None:
+            progress.update(task, advance=nbytes, description=name[-50:])
+
+        return work(advance)
+
+
+def _write_adapter(folder: Path, spec: Any) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in spec.state_dict().items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_json(folder / "adapter_config.json", spec.config())
 
 
 @cli.command()

@@ -132,7 +132,7 @@ def write_sidecar_files(out_dir: Path, plan: Plan, reader: CheckpointReader, rep
             target.write_bytes(Path(source).read_bytes())
     if not reader.extra_files() and isinstance(reader.config, dict) and reader.path.suffix == ".gguf":
         report.notes.append("no tokenizer files were written (install transformers to convert the GGUF tokenizer)")
-    write_json(out_dir / "report.json", _json_safe(report.as_dict()))
+    write_json(out_dir / "report.json", json_safe(report.as_dict()))
     (out_dir / "report.md").write_text(report.to_markdown(), encoding="utf-8")
 
 
@@ -147,12 +147,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON has no inf/nan: write them as strings so report.json stays standard JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

@@ -1,0 +1,1 @@
+"""Low-rank approximation: SVD engines and rank selection."""
