@@ -130,9 +130,10 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                 )
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                problem = (f"only {size - 8} follow its 8-byte length" if 8 + header_len > size
+                           else f"the limit is {MAX_HEADER_BYTES}")
                 raise InputError(
-                    f"header claims {header_len} bytes but only {size - 8} follow its 8-byte length "
-                    f"(limit {MAX_HEADER_BYTES})", where=where,
+                    f"header claims {header_len} bytes but {problem}", where=where,
                     fix="The file is truncated or corrupt; re-download or re-export it.",
                 )
             raw = f.read(header_len)

@@ -161,9 +161,11 @@ def check_output_path(out: Path, *, force: bool, inputs: list[Path]) -> None:
 def atomic_output_dir(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` by rename.
 
-    On any error the temporary folder is removed and ``out`` is left as it was.
+    On any error the temporary folder, and the parent folders made for it, are removed and ``out``
+    is left as it was.
     """
     parent = out.parent if str(out.parent) else Path(".")
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # innermost first
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -186,4 +188,7 @@ def atomic_output_dir(out: Path, *, force: bool) -> Iterator[Path]:
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                folder.rmdir()
         raise
