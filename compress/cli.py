@@ -37,8 +37,8 @@ from compress.pipeline.report import human_bytes, parse_size
 from compress.pipeline.run import execute, json_safe, resolve_device, write_sidecar_files
 from compress.quant import METHODS, config_to_dict, describe_config, make_config
 
-err_console = Console(stderr=True)
-out_console = Console()
+err_console = Console(stderr=True, emoji=False)
+out_console = Console(emoji=False)
 _invocation: list[str] = []  # the command line of this run, for provenance
 
 METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
@@ -141,7 +141,7 @@ def _shard_bytes(text: str) -> int:
 
 def _run_with_progress(plan: Plan, reader: CheckpointReader, tmp: Path, device: torch.device, shard_bytes: int,
                        quiet: bool):
-    if quiet:
+    if quiet or not err_console.is_terminal:  # a progress bar is for people; logs get none
         return execute(plan, reader, tmp, device=device, shard_bytes=shard_bytes)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -294,7 +294,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
 
 def _with_progress(label: str, total: int, quiet: bool, work: Any) -> Any:
     """Run ``work(progress_callback)`` under a rich progress bar (or none when quiet)."""
-    if quiet:
+    if quiet or not err_console.is_terminal:
         return work(None)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -329,7 +329,7 @@ def dequantize(quantized: Path, out: Path, dtype_name: str, force: bool, quiet: 
     shard_bytes = _shard_bytes(shard_size)
     check_output_path(out, force=force, inputs=[quantized])
     with open_model(quantized) as reader:
-        if not isinstance(reader, DequantizingReader):
+        if not isinstance(reader, DequantizingReader) or not any(reader.is_quantized(i.name) for i in reader.infos()):
             raise InputError("no quantized weights found", where=str(quantized),
                              fix="`compress dequantize` reads outputs of `compress quantize` (bnb or gptq layouts).")
         dtype = None if dtype_name == "original" else getattr(torch, dtype_name)
@@ -479,17 +479,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="compress", standalone_mode=False)
     except CompressError as e:
-        err_console.print(f"error: {e.message}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"error: {e.message}", markup=False, highlight=False, emoji=False, soft_wrap=True)
         return e.exit_code
     except click.exceptions.Abort:
-        err_console.print("aborted", markup=False)
+        err_console.print("aborted", markup=False, emoji=False)
         return 130
     except click.ClickException as e:
-        err_console.print(f"error: {' '.join(e.format_message().split())}", markup=False, highlight=False,
+        err_console.print(f"error: {' '.join(e.format_message().split())}", markup=False, highlight=False, emoji=False,
                           soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err_console.print("interrupted; nothing was written", markup=False)
+        err_console.print("interrupted; nothing was written", markup=False, emoji=False)
         return 130
     return 0
 

@@ -529,13 +529,6 @@ def test_non_finite_weight(capsys: pytest.CaptureFixture[str], tmp_path: Path, v
         assert torch.equal(f.get_tensor(WEIGHT).isfinite(), tensors[WEIGHT].isfinite())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compress/cli.py _run_with_progress: rich's Progress.stop() prints an empty line when stderr is not "
-    "a terminal (Progress(..., transient=True) does not prevent it), so an error raised while tensors are "
-    "processed (here: NaN) reaches a non-terminal stderr as two lines, '\\n' + 'error: ...'; successful runs "
-    "also leave a blank line on stderr. Fix: treat a non-terminal err_console as quiet, e.g. "
-    "`if quiet or not err_console.is_terminal: return execute(...)`, or pass disable=not err_console.is_terminal "
-    "to Progress."))
 def test_error_during_run_is_one_line_with_progress_bar(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     tensors = good_tensors()
     tensors[WEIGHT][0, 0] = float("nan")
@@ -624,10 +617,6 @@ def test_failed_run_leaves_no_new_parent_folders(capsys: pytest.CaptureFixture[s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compress/cli.py main() prints errors with err_console.print(..., markup=False, highlight=False) but "
-    "leaves emoji=True, so ':fire:' in a path or tensor name is printed as an emoji. Fix: pass emoji=False "
-    "in the three err_console.print calls of main() (or create err_console with emoji=False)."))
 def test_message_quotes_paths_literally(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     model = tmp_path / "run:fire:" / "model"
     assert_rejected(capsys, ["inspect", model], inputs=[tmp_path], words=(str(model), "no such file or folder"))
@@ -726,45 +715,17 @@ def _drop(key: str) -> Callable[[dict[str, torch.Tensor]], None]:
 
 
 MODULE = WEIGHT.removesuffix(".weight")
-_XFAIL_SIZES = pytest.mark.xfail(strict=True, reason=(
-    "compress/formats/bnb.py BnbFormat.unpack and compress/formats/gptq.py GptqFormat.unpack do not check "
-    "the sizes of the stored tensors against the shape, so a short codes/qzeros/scales tensor "
-    "fails later, in NF4Tensor/Int4Tensor.dequantize (compress/quant/nf4.py:106 reshape RuntimeError, "
-    "compress/quant/int4.py:78 IndexError), which DequantizingReader.get (compress/formats/quantized.py:81) "
-    "calls outside the try that turns unpack errors into InputError: a traceback, not one line. Fix: in "
-    "each unpack, raise ValueError when numel(codes)*2 < n, len(absmax) != ceil(n / blocksize), "
-    "qweight != [in/8, out], qzeros != [groups, out/8], scales != [groups, out], g_idx != [in]."))
-_XFAIL_NO_STATE = pytest.mark.xfail(strict=True, reason=(
-    "a bnb checkpoint whose weight lost its quant_state tensor: the packed uint8 weight, absmax and "
-    "quant_map pass through as if they were float tensors, and `compress dequantize` exits 0 with "
-    "'0 weights dequantized' (`compress quantize` says 'no tensor is selected'). Fix: in "
-    "compress/formats/bnb.py, treat a '<w>.absmax' without a '<w>.quant_state.*' as a corrupt checkpoint "
-    "(InputError naming <w>), and in compress/cli.py dequantize (line ~203) also raise 'no quantized "
-    "weights found' when no tensor is_quantized."))
 
 
 @pytest.mark.parametrize("fmt,edit,words", [
-    pytest.param("bnb", _shorten(WEIGHT), (WEIGHT,), id="bnb-codes-short", marks=_XFAIL_SIZES),
-    pytest.param("bnb", _shorten(f"{WEIGHT}.absmax"), (WEIGHT, "absmax"), id="bnb-absmax-short",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "silently wrong output, exit 0: a 1-element absmax (8 blocks expected) broadcasts over every "
-                     "block in NF4Tensor.dequantize (compress/quant/nf4.py:103, scale[: full // bs] is shorter "
-                     "than the blocks and broadcasts). Fix: compress/formats/bnb.py BnbFormat.unpack should raise "
-                     "ValueError when len(absmax) != ceil(n / blocksize) (nested_absmax likewise)."))),
+    pytest.param("bnb", _shorten(WEIGHT), (WEIGHT,), id="bnb-codes-short"),
+    pytest.param("bnb", _shorten(f"{WEIGHT}.absmax"), (WEIGHT, "absmax"), id="bnb-absmax-short"),
     pytest.param("bnb", _drop(f"{WEIGHT}.absmax"), (WEIGHT, "absmax"), id="bnb-no-absmax"),
     pytest.param("bnb", _drop(f"{WEIGHT}.quant_state.bitsandbytes__nf4"), (WEIGHT, "quant_state"),
-                 id="bnb-no-quant-state", marks=_XFAIL_NO_STATE),
-    pytest.param("gptq", _shorten(f"{MODULE}.qweight"), (MODULE, "qweight"), id="gptq-qweight-short",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "a short qweight is reported as 'act-order (desc_act) g_idx is not supported' "
-                     "(compress/formats/gptq.py:120: in_features is taken from qweight, so the intact g_idx "
-                     "no longer matches); the message should name qweight and its expected shape. Fix: check "
-                     "qweight/qzeros/scales/g_idx shapes against each other first, see the size checks "
-                     "above."))),
-    pytest.param("gptq", _shorten(f"{MODULE}.qzeros"), (MODULE, "qzeros"), id="gptq-qzeros-short",
-                 marks=_XFAIL_SIZES),
-    pytest.param("gptq", _shorten(f"{MODULE}.scales"), (MODULE, "scales"), id="gptq-scales-short",
-                 marks=_XFAIL_SIZES),
+                 id="bnb-no-quant-state"),
+    pytest.param("gptq", _shorten(f"{MODULE}.qweight"), (MODULE, "qweight"), id="gptq-qweight-short"),
+    pytest.param("gptq", _shorten(f"{MODULE}.qzeros"), (MODULE, "qzeros"), id="gptq-qzeros-short"),
+    pytest.param("gptq", _shorten(f"{MODULE}.scales"), (MODULE, "scales"), id="gptq-scales-short"),
 ])
 @pytest.mark.parametrize("command", ["dequantize", "quantize"])
 def test_corrupt_quantized_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path,
@@ -777,11 +738,6 @@ def test_corrupt_quantized_checkpoint(capsys: pytest.CaptureFixture[str], tmp_pa
                     words=(str(model), *words))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compress/cli.py dequantize (line ~203) only checks isinstance(reader, DequantizingReader); a float "
-    "checkpoint whose config.json still carries a quantization_config is opened as bnb "
-    "(compress/formats/quantized.py format_of trusts the config) and 'dequantized' into a plain copy, exit 0. "
-    "Fix: also raise InputError('no quantized weights found', ...) when no tensor is_quantized."))
 def test_dequantize_float_checkpoint_with_stale_quantization_config(capsys: pytest.CaptureFixture[str],
                                                                     tmp_path: Path, good_folder: Path) -> None:
     config = json.loads((good_folder / "config.json").read_text())

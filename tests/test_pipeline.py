@@ -164,7 +164,7 @@ def test_include_exclude(tiny_llama: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_gptq_fallback_for_unpackable_shapes(tmp_path: Path) -> None:
-    from tests.conftest import build_tiny_llama
+    from conftest import build_tiny_llama
 
     # intermediate 204 is not a multiple of 8 (GPTQ packing); hidden 120 is not a multiple of 32 (partial group)
     src = build_tiny_llama(tmp_path / "odd", hidden=120, intermediate=204)

@@ -111,10 +111,10 @@ class BnbFormat(WeightFormat):
         }
 
     def weight_names(self, keys: set[str]) -> list[str]:
-        names = []
-        for key in keys:
-            if STATE_PREFIX in key:
-                names.append(key.split(STATE_PREFIX)[0])
+        # A weight with absmax but no quant_state is still ours: unpack then reports what is missing.
+        names = {key.split(STATE_PREFIX)[0] for key in keys if STATE_PREFIX in key}
+        names |= {key.removesuffix(".absmax") for key in keys
+                  if key.endswith(".weight.absmax") and key.removesuffix(".absmax") in keys}
         return sorted(names)
 
     def stored_keys(self, weight_name: str, keys: set[str]) -> list[str]:
@@ -126,15 +126,32 @@ class BnbFormat(WeightFormat):
     def unpack(self, weight_name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
                dtype: torch.dtype) -> QuantizedTensor:
         w = weight_name
-        state_key = next(k for k in tensors if STATE_PREFIX in k)
+        state_key = next((k for k in tensors if STATE_PREFIX in k), None)
+        if state_key is None:
+            raise ValueError(f"'{w}' has no {w}{STATE_PREFIX}<type> tensor (its shape and dtype are lost)")
+        for part in ("", ".absmax"):
+            if w + part not in tensors:
+                raise ValueError(f"'{w}{part}' is missing")
         state = json.loads(bytes(tensors[state_key].tolist()).decode())
-        shape = tuple(state["shape"])
+        shape = tuple(int(d) for d in state["shape"])
         n = 1
         for d in shape:
             n *= d
+        block = int(state["blocksize"])
+        n_blocks = -(-n // block)
+        if tensors[w].numel() != (n + 1) // 2:
+            raise ValueError(f"'{w}' holds {tensors[w].numel()} bytes but shape {list(shape)} needs {(n + 1) // 2}")
+        if tensors[f"{w}.absmax"].numel() != n_blocks:
+            raise ValueError(f"'{w}.absmax' has {tensors[f'{w}.absmax'].numel()} values but {n_blocks} blocks of "
+                             f"{block} need one each")
+        if f"{w}.nested_absmax" in tensors:
+            expected = -(-n_blocks // NESTED_BLOCK_SIZE)
+            if tensors[f"{w}.nested_absmax"].numel() != expected:
+                raise ValueError(f"'{w}.nested_absmax' has {tensors[f'{w}.nested_absmax'].numel()} values, "
+                                 f"expected {expected}")
         qt = NF4Tensor(shape=shape, dtype=parse_dtype(state["dtype"]),
                        codes=unpack_nibbles(tensors[w], n), absmax=tensors[f"{w}.absmax"],
-                       block_size=int(state["blocksize"]), quant_type=state["quant_type"])
+                       block_size=block, quant_type=state["quant_type"])
         if f"{w}.nested_absmax" in tensors:
             qt.nested_absmax = tensors[f"{w}.nested_absmax"].float()
             qt.nested_code = tensors[f"{w}.nested_quant_map"].float()

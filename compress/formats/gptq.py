@@ -107,6 +107,20 @@ class GptqFormat(WeightFormat):
         p = module_name(weight_name)
         if int(quantization_config.get("bits", 4)) != 4:
             raise ValueError(f"only 4-bit GPTQ is supported, got bits={quantization_config.get('bits')}")
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            if f"{p}.{part}" not in tensors:
+                raise ValueError(f"'{p}.{part}' is missing")
+        # g_idx is the one tensor whose length is in_features itself; check the others against it.
+        in_features = tensors[f"{p}.g_idx"].numel()
+        out_features = tensors[f"{p}.scales"].shape[-1]
+        group = int(quantization_config.get("group_size", -1))
+        groups = -(-in_features // group) if group > 0 else 1
+        expected = {"qweight": (in_features // 8, out_features), "qzeros": (groups, out_features // 8),
+                    "scales": (groups, out_features)}
+        for part, shape in expected.items():
+            if tuple(tensors[f"{p}.{part}"].shape) != shape:
+                raise ValueError(f"'{p}.{part}' has shape {list(tensors[f'{p}.{part}'].shape)}, expected "
+                                 f"{list(shape)} for in={in_features}, out={out_features}, group_size={group}")
         codes = unpack_int4_rows(tensors[f"{p}.qweight"]).t().contiguous()  # [out, in]
         zeros = unpack_int4_rows(tensors[f"{p}.qzeros"].t().contiguous())  # [out, groups]
         if quantization_config.get("checkpoint_format", "gptq") != "gptq_v2":
