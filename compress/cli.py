@@ -23,7 +23,8 @@ from rich.table import Table
 from compress import __version__
 from compress.errors import CompressError, InputError, OptionError
 from compress.formats import FORMATS
-from compress.formats.checkpoint import CheckpointReader, open_checkpoint
+from compress.formats.base import dtype_name
+from compress.formats.checkpoint import open_checkpoint
 from compress.formats.quantized import DequantizingReader, format_of, open_model
 from compress.formats.writer import (
     ShardedWriter,
@@ -113,7 +114,10 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
             return
         assert out is not None
         with atomic_output_dir(out, force=force) as tmp:
-            report = _run_with_progress(plan, reader, tmp, torch_device, shard_bytes, quiet or as_json)
+            report = _with_progress(
+                f"{plan.method} ({describe_config(plan.config)})", plan.input_bytes, quiet or as_json,
+                lambda progress: execute(plan, reader, tmp, device=torch_device, shard_bytes=shard_bytes,
+                                         progress=progress))
             if isinstance(reader, DequantizingReader):
                 report.notes.append(f"the input was already quantized ({reader.format.name}); it was dequantized "
                                     "and quantized again, so errors are measured against the dequantized input")
@@ -121,14 +125,7 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
             _write_provenance(tmp, "quantize", model, out, started, torch_device,
                               {"method": method, "parameters": config_to_dict(config), "format": fmt.name,
                                "include": include, "exclude": exclude, "shard_size": shard_bytes})
-    if as_json:
-        click.echo(json.dumps(json.loads((out / "report.json").read_text()), indent=2))
-    elif not quiet:
-        for table in report.rich_tables():
-            out_console.print(table)
-        for note in report.notes:
-            out_console.print(f"[yellow]note:[/] {note}")
-        out_console.print(f"wrote {out} ({human_bytes(report.bytes_after)}); report: {out / 'report.md'}")
+    _show_result(out, report, report.bytes_after, as_json=as_json, quiet=quiet)
 
 
 def _shard_bytes(text: str) -> int:
@@ -139,20 +136,16 @@ def _shard_bytes(text: str) -> int:
                           fix="Use a number with a unit, e.g. 5GB or 500MB.") from e
 
 
-def _run_with_progress(plan: Plan, reader: CheckpointReader, tmp: Path, device: torch.device, shard_bytes: int,
-                       quiet: bool):
-    if quiet or not err_console.is_terminal:  # a progress bar is for people; logs get none
-        return execute(plan, reader, tmp, device=device, shard_bytes=shard_bytes)
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True) as progress:
-        task = progress.add_task(f"{plan.method} ({describe_config(plan.config)})", total=plan.input_bytes)
-
-        def advance(name: str, nbytes: int) -> None:
-            progress.update(task, advance=nbytes, description=name[-50:])
-
-        return execute(plan, reader, tmp, device=device, shard_bytes=shard_bytes, progress=advance)
+def _show_result(out: Path, report: Any, size: int, *, as_json: bool, quiet: bool) -> None:
+    """The end of a run: report.json on stdout with --json, else the tables and notes."""
+    if as_json:
+        click.echo(json.dumps(json.loads((out / "report.json").read_text()), indent=2))
+    elif not quiet:
+        for table in report.rich_tables():
+            out_console.print(table)
+        for note in report.notes:
+            out_console.print(f"[yellow]note:[/] {note}")
+        out_console.print(f"wrote {out} ({human_bytes(size)}); report: {out / 'report.md'}")
 
 
 def _show_plan(plan: Plan, as_json: bool) -> None:
@@ -160,7 +153,7 @@ def _show_plan(plan: Plan, as_json: bool) -> None:
         "method": plan.method, "parameters": config_to_dict(plan.config), "format": plan.format.name,
         "bytes_before": plan.input_bytes, "bytes_after": plan.output_bytes,
         "tensors": [{"name": e.info.name, "shape": list(e.info.shape),
-                     "dtype": str(e.info.dtype).removeprefix("torch."),
+                     "dtype": dtype_name(e.info.dtype),
                      "action": "quantize" if e.quantize else "keep", "reason": e.reason,
                      "bytes_before": e.info.nbytes, "bytes_after": e.output_bytes} for e in plan.entries],
     }
@@ -172,7 +165,7 @@ def _show_plan(plan: Plan, as_json: bool) -> None:
     for col in ("shape", "dtype", "action", "reason", "bytes → after"):
         table.add_column(col)
     for e in plan.entries:
-        table.add_row(e.info.name, "×".join(map(str, e.info.shape)), str(e.info.dtype).removeprefix("torch."),
+        table.add_row(e.info.name, "×".join(map(str, e.info.shape)), dtype_name(e.info.dtype),
                       "quantize" if e.quantize else "keep", e.reason,
                       f"{human_bytes(e.info.nbytes)} → {human_bytes(e.output_bytes)}")
     out_console.print(table)
@@ -213,7 +206,7 @@ def _write_provenance(folder: Path, command: str, source: Path, out: Path, start
 @click.option("--embeddings", type=click.Choice(["skip", "lora", "full"]), default="skip", show_default=True,
               help="Embeddings and lm_head: skip (serving engines reject them), LoRA, or full copies "
                    "(modules_to_save).")
-@click.option("--dtype", "dtype_name", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+@click.option("--dtype", "dtype_choice", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="dtype of the saved factors.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
@@ -224,7 +217,7 @@ def _write_provenance(folder: Path, command: str, source: Path, out: Path, start
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically, after success).")
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
-                 dtype_name: str, seed: int, device: str, dry_run: bool, as_json: bool, quiet: bool,
+                 dtype_choice: str, seed: int, device: str, dry_run: bool, as_json: bool, quiet: bool,
                  force: bool) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
     from compress.lowrank.svd import RankRule
@@ -236,7 +229,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
     try:
         rule = RankRule(rank=rank, energy=energy, sv_threshold=sv_threshold, max_rank=max_rank)
         options = ExtractOptions(rule=rule, engine=engine, targets=targets, embeddings=embeddings,
-                                 dtype=getattr(torch, dtype_name), seed=seed)
+                                 dtype=getattr(torch, dtype_choice), seed=seed)
     except ValueError as e:
         raise OptionError(str(e), fix="See `compress extract-lora --help`.") from e
     torch_device = resolve_device(device)
@@ -281,25 +274,18 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
             (tmp / "report.md").write_text(report.to_markdown(), encoding="utf-8")
             _write_provenance(tmp, "extract-lora", tuned_path, out, started, torch_device,
                               {"base": str(base_path.resolve()), "rule": report.rule, "targets": targets,
-                               "embeddings": embeddings, "dtype": dtype_name, "seed": seed})
-    if as_json:
-        click.echo(json.dumps(json.loads((out / "report.json").read_text()), indent=2))
-    elif not quiet:
-        for table in report.rich_tables():
-            out_console.print(table)
-        for note in report.notes:
-            out_console.print(f"[yellow]note:[/] {note}")
-        out_console.print(f"wrote {out} ({human_bytes(report.adapter_bytes)}); report: {out / 'report.md'}")
+                               "embeddings": embeddings, "dtype": dtype_choice, "seed": seed})
+    _show_result(out, report, report.adapter_bytes, as_json=as_json, quiet=quiet)
 
 
 def _with_progress(label: str, total: int, quiet: bool, work: Any) -> Any:
     """Run ``work(progress_callback)`` under a rich progress bar (or none when quiet)."""
     if quiet or not err_console.is_terminal:
         return work(None)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=err_console,
-                  transient=True) as progress:
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as progress:
         task = progress.add_task(label, total=total)
 
         def advance(name: str, nbytes: int) -> None:
@@ -319,10 +305,10 @@ def _write_adapter(folder: Path, spec: Any) -> None:
 @cli.command()
 @click.argument("quantized", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Float checkpoint folder.")
-@click.option("--dtype", "dtype_name", type=click.Choice(["original", "float32", "float16", "bfloat16"]),
+@click.option("--dtype", "dtype_choice", type=click.Choice(["original", "float32", "float16", "bfloat16"]),
               default="original", show_default=True, help="Dtype of the dequantized weights.")
 @common_output_options
-def dequantize(quantized: Path, out: Path, dtype_name: str, force: bool, quiet: bool, as_json: bool,
+def dequantize(quantized: Path, out: Path, dtype_choice: str, force: bool, quiet: bool, as_json: bool,
                shard_size: str) -> None:
     """Turn a quantized checkpoint (bnb NF4/FP4 or GPTQ int4) back into a float checkpoint."""
     started = time.time()
@@ -332,7 +318,7 @@ def dequantize(quantized: Path, out: Path, dtype_name: str, force: bool, quiet: 
         if not isinstance(reader, DequantizingReader) or not any(reader.is_quantized(i.name) for i in reader.infos()):
             raise InputError("no quantized weights found", where=str(quantized),
                              fix="`compress dequantize` reads outputs of `compress quantize` (bnb or gptq layouts).")
-        dtype = None if dtype_name == "original" else getattr(torch, dtype_name)
+        dtype = None if dtype_choice == "original" else getattr(torch, dtype_choice)
         infos = reader.infos()
         specs = [TensorSpec(i.name, dtype if (dtype and reader.is_quantized(i.name)) else i.dtype, i.shape)
                  for i in infos]
@@ -348,12 +334,12 @@ def dequantize(quantized: Path, out: Path, dtype_name: str, force: bool, quiet: 
             config = dict(reader.config or {})
             if config:
                 if dtype is not None:
-                    config["dtype"] = dtype_name
+                    config["dtype"] = dtype_choice
                 write_json(tmp / "config.json", config)
             for name, source in reader.extra_files().items():
                 (tmp / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
             _write_provenance(tmp, "dequantize", quantized, out, started, torch.device("cpu"),
-                              {"format": reader.format.name, "dtype": dtype_name})
+                              {"format": reader.format.name, "dtype": dtype_choice})
     summary = {"output": str(out), "tensors": len(specs),
                "dequantized": sum(reader.is_quantized(i.name) for i in infos), "bytes": sum(s.nbytes for s in specs)}
     if as_json:
@@ -385,9 +371,9 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
                 nbytes = sum(stored_bytes[k] for k in keys)
             else:
                 desc, nbytes = "", info.nbytes
-            rows.append({"name": info.name, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."),
+            rows.append({"name": info.name, "shape": list(info.shape), "dtype": dtype_name(info.dtype),
                          "quantization": desc, "bytes": nbytes})
-        params = sum(_numel(r["shape"]) for r in rows)
+        params = sum(math.prod(r["shape"]) for r in rows)
         total_bytes = sum(r["bytes"] for r in rows)
         q_rows = [r for r in rows if r["quantization"]]
         data = {
@@ -395,7 +381,7 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
             "quantization_config": qconfig, "model_type": (raw.config or {}).get("model_type"),
             "tensors": len(rows), "parameters": params, "bytes": total_bytes,
             "bits_per_parameter": 8 * total_bytes / params if params else 0.0,
-            "quantized_tensors": len(q_rows), "quantized_parameters": sum(_numel(r["shape"]) for r in q_rows),
+            "quantized_tensors": len(q_rows), "quantized_parameters": sum(math.prod(r["shape"]) for r in q_rows),
             "by_dtype": _group(rows, "dtype"), "by_quantization": _group(q_rows, "quantization"),
             "tensor_list": rows if (show_tensors or as_json) else None,
         }
@@ -424,13 +410,6 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
             table.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"], r["quantization"] or "-",
                           human_bytes(r["bytes"]))
         out_console.print(table)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _group(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]]:

@@ -17,6 +17,7 @@ Supported inputs (see :func:`open_checkpoint`):
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from abc import ABC, abstractmethod
@@ -69,10 +70,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

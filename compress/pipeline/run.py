@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from compress.errors import InputError, OptionError
+from compress.formats.base import dtype_name
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.writer import ShardedWriter, write_json
 from compress.metrics import compare
@@ -96,12 +97,12 @@ def execute(plan: Plan, reader: CheckpointReader, out_dir: Path, *, device: torc
                 packed = fmt.pack(info.name, qt.to("cpu"))
                 for spec in entry.outputs:
                     writer.write(spec.name, packed[spec.name])
-                report.quantized.append(TensorRow(info.name, info.shape, _dtype_name(info.dtype),
+                report.quantized.append(TensorRow(info.name, info.shape, dtype_name(info.dtype),
                                                   qt.bits_per_weight, metrics))
                 del W, qt, packed
             else:
                 writer.write(info.name, tensor)
-                report.kept.append(KeptRow(info.name, info.shape, _dtype_name(info.dtype), entry.reason))
+                report.kept.append(KeptRow(info.name, info.shape, dtype_name(info.dtype), entry.reason))
             del tensor
             if progress is not None:
                 progress(info.name, info.nbytes)
@@ -141,10 +142,6 @@ def _model_dtype(config: dict[str, Any], plan: Plan) -> torch.dtype:
 
     fallback = plan.quantized[0].info.dtype if plan.quantized else torch.float32
     return model_dtype(config, fallback)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def json_safe(obj: Any) -> Any:

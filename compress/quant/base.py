@@ -8,6 +8,7 @@ per uint8 so that every writer can lay them out as its target expects.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -23,10 +24,7 @@ class QuantizedTensor(ABC):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @abstractmethod
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
