@@ -9,6 +9,7 @@ back (``unpack``), and writes the ``quantization_config`` that goes into config.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,6 +50,11 @@ class WeightFormat(ABC):
     @abstractmethod
     def stored_keys(self, weight_name: str, keys: set[str]) -> list[str]:
         """All stored keys that belong to the quantized weight ``weight_name``."""
+
+    @abstractmethod
+    def original_shape(self, weight_name: str, stored_shapes: dict[str, tuple[int, ...]],
+                       read: Callable[[str], torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype | None]:
+        """Shape (and dtype, if stored) of the original weight, reading at most small tensors."""
 
     @abstractmethod
     def unpack(self, weight_name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],

@@ -15,6 +15,7 @@ An odd element count is padded with the code of 0.0, as bitsandbytes pads.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -122,6 +123,14 @@ class BnbFormat(WeightFormat):
         return [k for k in keys if k == w or (k.startswith(w + ".") and k[len(w) + 1:].split(".")[0] in
                                              ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                                               "quant_state"))]
+
+    def original_shape(self, weight_name: str, stored_shapes: dict[str, tuple[int, ...]],
+                       read: Callable[[str], torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype | None]:
+        state_key = next((k for k in stored_shapes if k.startswith(weight_name + STATE_PREFIX)), None)
+        if state_key is None:
+            raise ValueError(f"'{weight_name}' has no {weight_name}{STATE_PREFIX}<type> tensor")
+        state = json.loads(bytes(read(state_key).tolist()).decode())
+        return tuple(int(d) for d in state["shape"]), parse_dtype(state["dtype"])
 
     def unpack(self, weight_name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
                dtype: torch.dtype) -> QuantizedTensor:

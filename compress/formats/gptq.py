@@ -18,6 +18,7 @@ every loader reads. n_groups = ceil(in / G): a shorter last group is expressed t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,6 +102,14 @@ class GptqFormat(WeightFormat):
     def stored_keys(self, weight_name: str, keys: set[str]) -> list[str]:
         p = module_name(weight_name)
         return [k for k in (f"{p}.qweight", f"{p}.qzeros", f"{p}.scales", f"{p}.g_idx") if k in keys]
+
+    def original_shape(self, weight_name: str, stored_shapes: dict[str, tuple[int, ...]],
+                       read: Callable[[str], torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype | None]:
+        p = module_name(weight_name)
+        for part in ("g_idx", "scales"):
+            if f"{p}.{part}" not in stored_shapes:
+                raise ValueError(f"'{p}.{part}' is missing")
+        return (stored_shapes[f"{p}.scales"][-1], stored_shapes[f"{p}.g_idx"][0]), None
 
     def unpack(self, weight_name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
                dtype: torch.dtype) -> QuantizedTensor:

@@ -49,15 +49,21 @@ class DequantizingReader(CheckpointReader):
             for k in members:
                 owner[k] = w
         self._infos: list[TensorInfo] = []
-        self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        stored_shapes = {i.name: i.shape for i in raw}
+        seen: set[str] = set()
         for info in raw:
             w = owner.get(info.name)
             if w is None:
                 self._infos.append(info)
-            elif w not in self._shapes:
-                qt = self.quantized(w)  # statistics are small; codes are read once more on get()
-                self._shapes[w] = (qt.shape, qt.dtype)
-                self._infos.append(TensorInfo(w, qt.shape, qt.dtype, info.file))
+            elif w not in seen:
+                seen.add(w)
+                try:  # from small tensors only: the codes are read when the weight is asked for
+                    shape, dtype = fmt.original_shape(w, {k: stored_shapes[k] for k in self._members[w]},
+                                                      inner.get)
+                except (KeyError, ValueError) as e:
+                    raise InputError(f"cannot decode quantized weight '{w}' ({e})", where=str(self.path),
+                                     fix="The checkpoint is corrupt or in an unsupported variant of the layout.") from e
+                self._infos.append(TensorInfo(w, shape, dtype or self.dtype, info.file))
 
     def infos(self) -> list[TensorInfo]:
         return list(self._infos)
