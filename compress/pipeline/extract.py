@@ -264,7 +264,7 @@ def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: Checkpo
     report = ExtractReport(rule={k: v for k, v in vars(rule).items() if v is not None} | {"svd": options.engine},
                            notes=list(plan.notes))
     modules: dict[str, AdapterModule] = {}
-    biases: dict[str, torch.Tensor] = {}
+    biases: dict[str, tuple[torch.Tensor, float]] = {}  # module -> (bias delta, ||db|| / ||b||)
     capped = 0
     for entry in plan.entries:
         nbytes = math.prod(entry.shape) * 4
@@ -287,7 +287,7 @@ def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: Checkpo
         elif entry.action == "check":
             report.dropped.append({"name": entry.name, "reason": entry.reason, "delta_rel_to_base": delta_rel})
         elif entry.action == "bias":
-            biases[module] = dW.to("cpu", options.dtype)
+            biases[module] = (dW.to("cpu", options.dtype), delta_rel)
             report.rows.append(ModuleRow(entry.name, entry.shape, "bias", 0, 1.0, 0.0, 0.0, delta_rel,
                                          dW.numel(), "-"))
         elif entry.action == "full":
@@ -312,23 +312,28 @@ def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: Checkpo
         del W_base, W_tuned, dW
         if progress:
             progress(entry.name, nbytes)
-    for module, bias in biases.items():
-        if module in modules and modules[module].kind == "linear":
-            modules[module].bias = bias
-        else:  # the weight did not change, yet the bias did: PEFT needs a LoRA module to carry it
-            report.dropped.append({"name": module + ".bias", "reason": "bias changed but its weight did not",
-                                   "delta_rel_to_base": 0.0})
-            report.rows = [r for r in report.rows if r.module != module + ".bias"]
-    if capped:
-        report.notes.append(f"--rank {rule.rank} exceeds the smaller side of {capped} matrices: their rank was capped "
-                            "at min(out, in), which represents the delta exactly")
-    zero_rank = [r.module for r in report.rows if r.kind in ("lora", "embedding-lora") and r.rank == 0]
+    zero_rank = [r for r in report.rows if r.kind in ("lora", "embedding-lora") and r.rank == 0]
+    for row in zero_rank:  # nothing to write: no singular value qualified under the rule
+        modules.pop(row.module, None)
+        report.dropped.append({"name": row.module + ".weight", "reason": "rank 0 under the rank rule",
+                               "delta_rel_to_base": row.delta_rel})
     if zero_rank:
         report.notes.append(f"{len(zero_rank)} modules kept rank 0 under the rule (no singular value qualified) and "
                             "were left out of the adapter")
-        for m in zero_rank:
-            modules.pop(m, None)
-        report.rows = [r for r in report.rows if r.module not in zero_rank]
+        report.rows = [r for r in report.rows if r not in zero_rank]
+    # Biases travel on their module's LoRA (lora_B.bias); without one, PEFT has nowhere to put them.
+    for module, (bias, delta_rel) in biases.items():
+        if module in modules and modules[module].kind == "linear":
+            modules[module].bias = bias
+            continue
+        weight_row = next((d for d in report.dropped if d["name"] == module + ".weight"), None)
+        rank_zero = weight_row is not None and weight_row["reason"].startswith("rank 0")
+        reason = "its weight kept rank 0 under the rank rule" if rank_zero else "bias changed but its weight did not"
+        report.dropped.append({"name": module + ".bias", "reason": reason, "delta_rel_to_base": delta_rel})
+        report.rows = [r for r in report.rows if r.module != module + ".bias"]
+    if capped:
+        report.notes.append(f"--rank {rule.rank} exceeds the smaller side of {capped} matrices: their rank was capped "
+                            "at min(out, in), which represents the delta exactly")
     all_names = sorted({n.rsplit(".", 1)[0] for n in (i.name for i in base.infos())})
     architectures = (base.config or {}).get("architectures") or []
     task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
