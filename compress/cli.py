@@ -431,6 +431,117 @@ def _describe_quantized(qt: Any) -> str:
     return type(qt).__name__
 
 
+@cli.command("eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text to score (default: the Python Language Reference shipped with CPython).")
+@click.option("--tokens", type=int, default=20000, show_default=True, help="Score the first N tokens of the text.")
+@click.option("--window", type=int, default=1024, show_default=True, help="Tokens per forward pass.")
+@click.option("--stride", type=int, default=None, help="Window step (default: --window, no overlap).")
+@click.option("--embeddings", is_flag=True, help="Encoders: cosine of sentence embeddings against the first model.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
+              help="Also write report.json and report.md into this folder.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the models run (auto: CUDA when available).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
+@click.option("--force", is_flag=True, help="Replace the -o folder if it exists.")
+def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, window: int, stride: int | None,
+             embeddings: bool, out: Path | None, device: str, as_json: bool, quiet: bool, force: bool) -> None:
+    """What compression cost: perplexity of causal LMs (or embedding cosine of encoders), side by side."""
+    import gc
+
+    from compress import evaluation
+
+    transformers = evaluation.require_transformers()
+    started = time.time()
+    stride = stride or window
+    if window < 2 or tokens < 2 or not 1 <= stride <= window:
+        raise OptionError(f"need --window >= 2, --tokens >= 2 and 1 <= --stride <= --window (got {window}, {tokens}, "
+                          f"{stride})", fix="Pick sizes such as --window 1024 --tokens 20000.")
+    torch_device = resolve_device(device)
+    if out is not None:
+        check_output_path(out, force=force, inputs=list(models))
+    for m in models:
+        if not m.exists():
+            raise InputError("no such file or folder", where=str(m), fix="Check the path.")
+    if text_path is not None:
+        try:
+            text = text_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the text ({e})", where=str(text_path),
+                             fix="Give a readable UTF-8 text file.") from e
+    else:
+        text = evaluation.default_text()
+    keep: list[Any] = []
+    rows: list[dict[str, Any]] = []
+    tokenizer = None
+    reference: Any = None
+    for path in models:
+        loaded = evaluation.load_model(path, encoder=embeddings, device=torch_device, keep=keep)
+        if tokenizer is None and loaded.tokenizer_dir is not None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
+        if tokenizer is None:
+            raise InputError("no tokenizer found", where=str(path),
+                             fix="List first a model whose folder (or GGUF) carries its tokenizer.")
+        row: dict[str, Any] = {"model": str(path), "loader": loaded.how, "size_bytes": loaded.size_bytes}
+        if embeddings:
+            sentences = evaluation.default_sentences()
+            emb = evaluation.sentence_embeddings(loaded.model, tokenizer, sentences)
+            if reference is None:
+                reference = emb
+            cos = torch.nn.functional.cosine_similarity(emb, reference, dim=-1)
+            row.update(mean_cosine=float(cos.mean()), min_cosine=float(cos.min()), sentences=len(sentences))
+        else:
+            ids = torch.tensor(tokenizer(text)["input_ids"][:tokens])
+            if ids.numel() < 2:
+                raise InputError("the text has fewer than 2 tokens", where=str(text_path or "default text"),
+                                 fix="Give a longer text.")
+            ppl, scored = _with_progress(
+                path.name, ids.numel(), quiet or as_json,
+                lambda progress, ids=ids, model=loaded.model, name=path.name: evaluation.perplexity(
+                    model, ids, window=window, stride=stride,
+                    progress=(lambda n: progress(name, n)) if progress else None))
+            row.update(perplexity=ppl, tokens=scored)
+        rows.append(row)
+        del loaded
+        gc.collect()
+    metric = "mean_cosine" if embeddings else "perplexity"
+    for row in rows:
+        row["delta"] = row[metric] - rows[0][metric]
+        row["delta_pct"] = 100 * row["delta"] / rows[0][metric] if rows[0][metric] else 0.0
+    result = {"metric": metric, "window": window, "stride": stride, "tokens": tokens,
+              "text": str(text_path) if text_path else "pydoc_data/topics.py (Python Language Reference)",
+              "models": rows}
+    if out is not None:
+        with atomic_output_dir(out, force=force) as tmp:
+            write_json(tmp / "report.json", json_safe(result))
+            (tmp / "report.md").write_text(_eval_markdown(result), encoding="utf-8")
+            _write_provenance(tmp, "eval", models[0], out, started, torch_device, {"models": [str(m) for m in models]})
+    if as_json:
+        click.echo(json.dumps(json_safe(result), indent=2))
+    elif not quiet:
+        table = Table(title=f"{metric} ({'sentence embeddings' if embeddings else result['text']})")
+        table.add_column("model", overflow="fold", min_width=24)
+        for col in ("loader", "size", metric.replace("_", " "), "Δ vs first"):
+            table.add_column(col, justify="right" if col != "loader" else "left")
+        for row in rows:
+            table.add_row(row["model"], row["loader"], human_bytes(row["size_bytes"]), f"{row[metric]:.4f}",
+                          f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%)")
+        out_console.print(table)
+
+
+def _eval_markdown(result: dict[str, Any]) -> str:
+    metric = result["metric"]
+    lines = [f"# compress eval: {metric}", "", f"Text: {result['text']}; window {result['window']}, stride "
+             f"{result['stride']}, up to {result['tokens']} tokens.", "",
+             f"| model | loader | size | {metric} | Δ vs first |", "|---|---|---|---|---|"]
+    for row in result["models"]:
+        lines.append(f"| `{row['model']}` | {row['loader']} | {human_bytes(row['size_bytes'])} | {row[metric]:.4f} | "
+                     f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%) |")
+    return "\n".join(lines) + "\n"
+
+
 @cli.command("methods")
 def list_methods() -> None:
     """List quantization methods and output formats (from the registries)."""

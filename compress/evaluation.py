@@ -1,0 +1,163 @@
+"""`compress eval`: what compression cost on real text.
+
+- Causal LMs: perplexity on a text in windows of ``window`` tokens moved by ``stride`` (default:
+  non-overlapping). With an overlap, only the tokens past the overlap are scored, each with the
+  full window of context before it (the "sliding window" evaluation of the transformers docs).
+- Encoders: mean-pooled sentence embeddings of fixed real sentences, cosine against the first model.
+
+Models are loaded through the real engine loader where one applies and is installed
+(transformers + bitsandbytes for bnb outputs), else rebuilt from their config and filled with the
+float weights ``compress`` reads (dequantized tensor by tensor). The default text is the Python
+Language Reference prose that ships with CPython (``pydoc_data/topics.py``), so it works offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import InputError, OptionError
+from compress.formats.checkpoint import open_checkpoint
+from compress.formats.quantized import format_of, model_dtype, open_model
+
+
+def require_transformers() -> Any:
+    if importlib.util.find_spec("transformers") is None:
+        raise OptionError("`compress eval` needs transformers, which is not installed",
+                          fix="pip install 'compress[eval]' (or pip install transformers accelerate).")
+    import transformers
+
+    return transformers
+
+
+def default_text() -> str:
+    """The Python Language Reference prose shipped with CPython (topics in sorted order)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def default_sentences(n: int = 12) -> list[str]:
+    """The first sentence of ``n`` Language Reference topics: real, fixed, offline."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        first = " ".join(topics[key].split())
+        first = first.split(". ")[0][:300]
+        if len(first.split()) >= 6:
+            out.append(first)
+        if len(out) == n:
+            break
+    return out
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    how: str  # which loader was used
+    tokenizer_dir: Path | None  # a folder holding tokenizer files, if the checkpoint ships one
+    size_bytes: int  # weight bytes on disk
+
+
+def _weight_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.suffix in (".safetensors", ".gguf")]
+    return sum(p.stat().st_size for p in files)
+
+
+def _tokenizer_dir(path: Path, keep: list[Any]) -> Path | None:
+    if path.is_dir() and any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return path
+    with open_checkpoint(path) as reader:
+        files = reader.extra_files()
+    if not any(n.startswith("tokenizer") for n in files):
+        return None
+    tmp = tempfile.TemporaryDirectory(prefix="compress-tok-")
+    keep.append(tmp)  # lives as long as the caller keeps the list
+    for name, source in files.items():
+        (Path(tmp.name) / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
+    return Path(tmp.name)
+
+
+def load_model(path: Path, *, encoder: bool, device: torch.device, keep: list[Any]) -> LoadedModel:
+    """Load any checkpoint compress reads into a transformers model (see module docstring)."""
+    transformers = require_transformers()
+    auto = transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
+    with open_checkpoint(path) as raw:
+        fmt = format_of(raw)
+    tok_dir = _tokenizer_dir(path, keep)
+    size = _weight_bytes(path)
+    if fmt is not None and fmt.name == "bnb" and importlib.util.find_spec("bitsandbytes") and path.is_dir():
+        model = auto.from_pretrained(path, device_map=str(device))
+        return LoadedModel(model.eval(), "transformers + bitsandbytes", tok_dir, size)
+    with open_model(path) as reader:
+        if not reader.config:
+            raise InputError("no config.json: cannot tell which architecture to build", where=str(path),
+                             fix="Evaluate a checkpoint folder with its config.json.")
+        config_dict = {k: v for k, v in reader.config.items() if k != "quantization_config"}
+        model_type = config_dict.pop("model_type", None)
+        if model_type is None:
+            raise InputError("config.json has no model_type", where=str(path), fix="Add the model_type field.")
+        config = transformers.AutoConfig.for_model(model_type, **config_dict)
+        dtype = model_dtype(reader.config, torch.float32)
+        model = auto.from_config(config, dtype=dtype)  # initialised, then every weight is overwritten
+        state = {info.name: reader.get(info.name) for info in reader.infos()}
+    how = f"dequantized by compress ({fmt.name})" if fmt is not None else "float weights read by compress"
+    prefix = getattr(model, "base_model_prefix", "")
+    own = set(model.state_dict())
+    if encoder and prefix and not (set(state) & own):  # e.g. 'bert.' prefixed names into a bare BertModel
+        state = {k.removeprefix(prefix + "."): v for k, v in state.items()}
+    missing = own - set(state)
+    if getattr(config, "tie_word_embeddings", False):
+        missing -= {"lm_head.weight"}
+    missing = {m for m in missing if not m.endswith(("position_ids", "inv_freq"))}
+    if missing:
+        raise InputError(f"the checkpoint lacks {len(missing)} weights the model needs (e.g. '{sorted(missing)[0]}')",
+                         where=str(path), fix="Check that config.json describes these weights.")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return LoadedModel(model.to(device).eval(), how, tok_dir, size)
+
+
+def perplexity(model: Any, ids: torch.Tensor, *, window: int, stride: int,
+               progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """exp(mean NLL) of ids [n] under a causal LM; returns (perplexity, tokens scored)."""
+    n = ids.numel()
+    nll, scored = 0.0, 0
+    prev_end = 0
+    device = next(model.parameters()).device
+    for begin in range(0, n - 1, stride):
+        end = min(begin + window, n)
+        chunk = ids[begin:end].to(device)
+        new = end - prev_end  # tokens not scored by an earlier window
+        with torch.no_grad():
+            logits = model(chunk[None]).logits[0].float()
+        targets = chunk[1:]
+        losses = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="none")
+        count = min(new, losses.numel())
+        nll += float(losses[-count:].double().sum())
+        scored += count
+        prev_end = end
+        if progress:
+            progress(end - begin)
+        if end == n:
+            break
+    return math.exp(nll / scored), scored
+
+
+def sentence_embeddings(model: Any, tokenizer: Any, sentences: list[str]) -> torch.Tensor:
+    """Mean-pooled last hidden states [n, dim] (the sentence-transformers pooling of MiniLM)."""
+    device = next(model.parameters()).device
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1)
