@@ -517,6 +517,13 @@ class GGUFReader(CheckpointReader):
                              fix=_FIX_TRUNCATED)
         return entries
 
+    @property
+    def gguf(self) -> Any:
+        """The underlying ``gguf.GGUFReader``: every metadata field with its type, raw tensor data."""
+        if self._reader is None:
+            raise ValueError(f"{self.path}: reader is closed")
+        return self._reader
+
     def infos(self) -> list[TensorInfo]:
         """All tensors in file order, Hugging Face names and shapes, dtype float32."""
         return list(self._infos)

@@ -1,0 +1,271 @@
+"""llama.cpp's Q4_0, Q4_1 and Q8_0 block quantization, bit-identical to ``gguf.quants.quantize``.
+
+Reference: ``quantize_row_q4_0_ref`` / ``quantize_row_q4_1_ref`` / ``quantize_row_q8_0_ref`` in
+llama.cpp's ``ggml/src/ggml-quants.c``, and their numpy ports in the ``gguf`` package
+(``gguf/quants.py``), which these functions reproduce byte for byte.
+
+Every row (the last dimension, innermost in GGUF) is cut into blocks of 32 consecutive elements;
+the row length must be a multiple of 32 (ggml blocks never straddle rows). Per block, all in
+float32 with the same operation order as the references:
+
+    Q4_0: amax = the element of largest magnitude (the first one on ties), signed
+          d = amax / -8,  id = 1/d (0 if d == 0)
+          q = min(15, trunc(x * id + 8.5))                   -> x' = (q - 8) * fp16(d)
+    Q4_1: mn, mx = min, max;  d = (mx - mn) / 15,  id = 1/d (0 if d == 0)
+          q = min(15, trunc((x - mn) * id + 0.5))            -> x' = q * fp16(d) + fp16(mn)
+    Q8_0: d = max|x| / 127,  id = 1/d (0 if d == 0)
+          q = roundf(x * id)  (half away from zero)          -> x' = q * fp16(d)
+
+Codes are computed with the float32 ``d``; only the stored ``d`` (and ``m``) is rounded to float16,
+as llama.cpp does. float16/bfloat16 inputs are widened to float32 first (exact), as llama.cpp's
+converter does before quantizing.
+
+Block bytes (:meth:`GGMLTensor.packed`), little-endian, blocks in row-major order:
+
+    Q4_0 (18 bytes): fp16 d, 16 bytes: low nibble of byte j = q[j], high nibble = q[j + 16]
+    Q4_1 (20 bytes): fp16 d, fp16 m, 16 nibble bytes as Q4_0
+    Q8_0 (34 bytes): fp16 d, 32 int8 q
+
+Speed: about 10 element-wise passes per block (min/max instead of numpy's abs + argmax, the argmax
+only for blocks where +a and -a tie, non-finite fix-ups only when a block needs them). On one CPU
+thread a 4096x4096 float32 matrix takes 1.5-3x less time than ``gguf.quants.quantize``. Each pass
+is one torch parallel region; on a machine whose cores are busy with other work, torch's threads
+wait for each other at every pass and a single thread is several times faster (see
+reports/bench_quantize.md's contention probe).
+
+Non-finite inputs: where ``x * id`` is not finite (only possible with inf/NaN weights or block
+scales below ~1e-37, whose reciprocal overflows), the code is 0, which is what the references give
+on x86-64 (a C float->int conversion of inf/NaN yields 0x80000000, whose low byte is 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.quant.base import QuantizedTensor, check_float_matrix
+
+BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
+GGML_TYPES = ("q4_0", "q4_1", "q8_0")
+# bytes per 32-element block
+TYPE_SIZES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+# gguf.GGMLQuantizationType values (ggml.h), so callers need not import gguf
+GGML_TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
+CHUNK_BLOCKS = 1 << 15  # 32768 blocks (4 MB of float32) per step: intermediates stay in cache
+
+
+@dataclass(frozen=True)
+class GGMLConfig:
+    """A llama.cpp block quantization type: ``"q4_0"``, ``"q4_1"`` or ``"q8_0"`` (blocks of 32)."""
+
+    qtype: str = "q4_0"
+
+    def __post_init__(self) -> None:
+        if self.qtype not in GGML_TYPES:
+            raise ValueError(f"ggml type must be one of {', '.join(GGML_TYPES)}, got {self.qtype!r}")
+
+    @property
+    def block_size(self) -> int:
+        return BLOCK
+
+
+@dataclass
+class GGMLTensor(QuantizedTensor):
+    """A tensor quantized to a llama.cpp block type. With ``n_blocks = numel // 32`` (row-major):
+
+    codes: uint8 [*shape] in 0..15 (Q4_0, Q4_1) or int8 [*shape] in -127..127 (Q8_0), one per element;
+    d: float16 [n_blocks] block scales; m: float16 [n_blocks] block minimums (Q4_1 only).
+    """
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    qtype: str
+    m: torch.Tensor | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return self.numel // BLOCK
+
+    @property
+    def ggml_type_id(self) -> int:
+        return GGML_TYPE_IDS[self.qtype]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x' in float32 exactly as ``gguf.quants.dequantize`` computes it, then cast to ``dtype``."""
+        d = self.d.float().unsqueeze(1)
+        q = self.codes.reshape(-1, BLOCK)
+        if self.qtype == "q4_0":
+            out = d * (q.to(torch.int16) - 8).float()
+        elif self.qtype == "q4_1":
+            assert self.m is not None
+            out = d * q.float() + self.m.float().unsqueeze(1)
+        else:
+            out = q.float() * d
+        return out.reshape(self.shape).to(dtype or self.dtype)
+
+    def storage_bits(self) -> int:
+        return 8 * TYPE_SIZES[self.qtype] * self.n_blocks
+
+    def packed(self) -> torch.Tensor:
+        """The GGUF bytes: uint8 ``[*shape[:-1], shape[-1] // 32 * type_size]`` (see module docstring)."""
+        n, size = self.n_blocks, TYPE_SIZES[self.qtype]
+        out = torch.empty((n, size), dtype=torch.uint8, device=self.codes.device)
+        out[:, 0:2] = self.d.contiguous().view(torch.uint8).reshape(n, 2)
+        if self.qtype == "q8_0":
+            out[:, 2:] = self.codes.reshape(n, BLOCK).view(torch.uint8)
+        else:
+            start = 2
+            if self.qtype == "q4_1":
+                assert self.m is not None
+                out[:, 2:4] = self.m.contiguous().view(torch.uint8).reshape(n, 2)
+                start = 4
+            q = self.codes.reshape(n, 2, BLOCK // 2)
+            torch.bitwise_left_shift(q[:, 1], 4, out=out[:, start:]).bitwise_or_(q[:, 0])
+        return out.reshape(*self.shape[:-1], self.shape[-1] // BLOCK * size)
+
+    def scales_finite(self) -> bool:
+        """Whether every stored scale (and minimum) is finite: false for NaN/inf weights, or for blocks
+        whose scale overflows float16 (|x| above ~65504 * 8 for Q4_0, 65504 * 127 for Q8_0)."""
+        ok = bool(torch.isfinite(self.d).all())
+        return ok and (self.m is None or bool(torch.isfinite(self.m).all()))
+
+    def to_bytes(self) -> bytes:
+        """:meth:`packed` as ``bytes``: exactly what a GGUF file stores for this tensor."""
+        return self.packed().cpu().numpy().tobytes()
+
+
+def _check(W: torch.Tensor, qtype: str) -> None:
+    check_float_matrix(W)
+    if W.dim() == 0 or W.shape[-1] % BLOCK:
+        raise ValueError(f"{qtype.upper()} needs rows (the last dimension) that are a multiple of {BLOCK}, "
+                         f"got shape {tuple(W.shape)}")
+
+
+def _reciprocal(d: torch.Tensor) -> torch.Tensor:
+    """``0 if d == 0 else 1 / d`` in float32 (an IEEE division, as numpy and C compute it)."""
+    return torch.where(d == 0, torch.zeros_like(d), torch.div(torch.ones_like(d), d))
+
+
+def _all_finite(*block_values: torch.Tensor) -> bool:
+    """Whether every per-block value is finite: then every element-wise intermediate is finite too."""
+    return all(bool(torch.isfinite(t).all()) for t in block_values)
+
+
+def _zero_non_finite(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+
+
+def _signed_absmax(x: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """Per block, the element of largest magnitude with its sign; the first one on ties (numpy's argmax)."""
+    out = torch.where(mx > -mn, mx, mn)
+    tie = (mx == -mn).nonzero().squeeze(1)  # +a and -a (or +0 and -0) both present: order decides
+    if tie.numel():
+        xs = x[tie]
+        out[tie] = torch.gather(xs, 1, xs.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    return out
+
+
+def _q4_0(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """Fill ``codes`` [nb, 32] uint8 for blocks x [nb, 32] float32; return the float32 scales."""
+    mx, mn = x.amax(dim=1), x.amin(dim=1)
+    d = _signed_absmax(x, mx, mn) / -8.0
+    inv = _reciprocal(d)
+    v = torch.mul(x, inv.unsqueeze(1)).add_(8.5)  # two roundings, as the reference (no FMA)
+    if not _all_finite(d, inv):
+        v = _zero_non_finite(v)
+    codes.copy_(v.clamp_(0.0, 15.0))  # float -> uint8 truncates: min(15, trunc(v))
+    return d, None
+
+
+def _q4_1(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mx, mn = x.amax(dim=1), x.amin(dim=1)
+    d = (mx - mn) / 15.0
+    inv = _reciprocal(d)
+    v = torch.sub(x, mn.unsqueeze(1)).mul_(inv.unsqueeze(1)).add_(0.5)
+    if not _all_finite(d, inv, mn):
+        v = _zero_non_finite(v)
+    codes.copy_(v.clamp_(0.0, 15.0))
+    return d, mn
+
+
+_ALMOST_HALF = 0.49999997  # float32 nextafter(0.5, 0)
+
+
+def _q8_0(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, None]:
+    mx, mn = x.amax(dim=1), x.amin(dim=1)
+    d = torch.maximum(mx, -mn).abs_() / 127.0  # max |x| (abs_ turns a -0.0 into +0.0, as abs does)
+    inv = _reciprocal(d)
+    v = torch.mul(x, inv.unsqueeze(1))
+    # roundf (half away from zero) = trunc(v + sign(v) * nextafter(0.5, 0)) for |v| < 2^22: the sum
+    # is exact or rounds the right way at every .5 and just below it (tested against np_roundf).
+    v.add_(torch.sign(v).mul_(_ALMOST_HALF))
+    if not _all_finite(d, inv):
+        v = _zero_non_finite(v)
+    codes.copy_(v)  # float -> int8 truncates toward zero; |v| <= 127.5
+    return d, None
+
+
+_KERNELS = {"q4_0": _q4_0, "q4_1": _q4_1, "q8_0": _q8_0}
+
+
+def quantize_ggml(W: torch.Tensor, config: GGMLConfig = GGMLConfig()) -> GGMLTensor:
+    """Quantize W (float16/bfloat16/float32, last dimension a multiple of 32) to a llama.cpp type.
+
+    Bytes identical to ``gguf.quants.quantize(W.float().numpy(), GGMLQuantizationType.<TYPE>)``.
+    Raises ValueError when the rows are not whole blocks. NaN weights are not supported (the
+    result is unspecified, as in llama.cpp).
+    """
+    qtype = config.qtype
+    _check(W, qtype)
+    flat = W.reshape(-1, BLOCK)
+    n = flat.shape[0]
+    codes = torch.empty((n, BLOCK), dtype=torch.int8 if qtype == "q8_0" else torch.uint8, device=W.device)
+    d = torch.empty(n, dtype=torch.float16, device=W.device)
+    m = torch.empty(n, dtype=torch.float16, device=W.device) if qtype == "q4_1" else None
+    kernel = _KERNELS[qtype]
+    for start in range(0, n, CHUNK_BLOCKS):
+        stop = min(start + CHUNK_BLOCKS, n)
+        dd, mm = kernel(flat[start:stop].float(), codes[start:stop])
+        d[start:stop] = dd  # float32 -> float16, round to nearest even (as numpy's astype)
+        if m is not None and mm is not None:
+            m[start:stop] = mm
+    return GGMLTensor(shape=tuple(W.shape), dtype=W.dtype, codes=codes.reshape(W.shape), d=d, qtype=qtype, m=m)
+
+
+def quantize_q4_0(W: torch.Tensor) -> GGMLTensor:
+    """llama.cpp Q4_0 (symmetric 4-bit, one fp16 scale per 32 elements; 4.5 bits per weight)."""
+    return quantize_ggml(W, GGMLConfig("q4_0"))
+
+
+def quantize_q4_1(W: torch.Tensor) -> GGMLTensor:
+    """llama.cpp Q4_1 (4-bit with fp16 scale and minimum per 32 elements; 5 bits per weight)."""
+    return quantize_ggml(W, GGMLConfig("q4_1"))
+
+
+def quantize_q8_0(W: torch.Tensor) -> GGMLTensor:
+    """llama.cpp Q8_0 (8-bit, one fp16 scale per 32 elements; 8.5 bits per weight)."""
+    return quantize_ggml(W, GGMLConfig("q8_0"))
+
+
+def ggml_nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    """Bytes a tensor of ``shape`` takes in ``qtype`` (rows must be whole blocks)."""
+    if not shape or shape[-1] % BLOCK:
+        raise ValueError(f"{qtype.upper()} needs rows that are a multiple of {BLOCK}, got shape {tuple(shape)}")
+    n = 1
+    for s in shape:
+        n *= s
+    return n // BLOCK * TYPE_SIZES[qtype]
+
+
+__all__ = [
+    "BLOCK",
+    "GGML_TYPES",
+    "GGMLConfig",
+    "GGMLTensor",
+    "ggml_nbytes",
+    "quantize_ggml",
+    "quantize_q4_0",
+    "quantize_q4_1",
+    "quantize_q8_0",
+]
