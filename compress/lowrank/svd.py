@@ -7,7 +7,10 @@ Pure tensor math: float32 inside, no files, no device decisions (the caller's te
   https://arxiv.org/abs/0909.4061, Algorithms 4.4 + 5.1: sample the range with a Gaussian test
   matrix of ``rank + oversample`` columns, sharpen it with ``n_iter`` power iterations (each
   re-orthonormalised by QR, which keeps small singular values from drowning in round-off), then
-  take the exact SVD of the small projected matrix. Seeded, hence deterministic.
+  take the exact SVD of the small projected matrix. Seeded, hence deterministic. The defaults
+  (oversample 16, 6 iterations) are chosen for slowly decaying spectra, the hard case of real
+  fine-tune deltas: on a 1024x2816 matrix with s_i ~ i^-0.5 at rank 32 they reach the optimal
+  rank-r error to 1e-4 (2 iterations with oversample 8: +0.4%) at ~1/25 of the exact SVD's time.
 
 Rank selection (:class:`RankRule`) needs the energy of the whole spectrum for the ``energy`` rule:
 it is ``||dW||_F^2`` (the sum of all squared singular values), one pass over the matrix, so the
@@ -79,7 +82,7 @@ def svd_exact(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.linalg.svd(M.float(), full_matrices=False)
 
 
-def svd_randomized(M: torch.Tensor, rank: int, *, oversample: int = 8, n_iter: int = 2,
+def svd_randomized(M: torch.Tensor, rank: int, *, oversample: int = 16, n_iter: int = 6,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate leading ``rank`` singular triplets of M: [m, n] -> U [m, r], S [r], Vh [r, n]."""
     A = M.float()
@@ -133,7 +136,7 @@ class LowRank:
         return math.sqrt(max(1.0 - self.retained_energy, 0.0))
 
 
-def low_rank(dW: torch.Tensor, rule: RankRule, *, engine: str = "auto", oversample: int = 8, n_iter: int = 2,
+def low_rank(dW: torch.Tensor, rule: RankRule, *, engine: str = "auto", oversample: int = 16, n_iter: int = 6,
              seed: int = 0) -> LowRank:
     """Truncated SVD of dW: [out, in] (any float dtype; computed in float32) under ``rule``."""
     D = dW.float()

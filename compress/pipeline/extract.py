@@ -34,8 +34,8 @@ class ExtractOptions:
     embeddings: str = "skip"  # embeddings and lm_head: skip, lora, or full (modules_to_save)
     dtype: torch.dtype = torch.float32  # dtype of the saved factors
     seed: int = 0
-    oversample: int = 8
-    n_iter: int = 2
+    oversample: int = 16
+    n_iter: int = 6
 
     def __post_init__(self) -> None:
         if self.embeddings not in EMBEDDING_MODES:
