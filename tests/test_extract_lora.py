@@ -463,8 +463,8 @@ def test_peft_round_trip_of_a_full_rank_delta(planted: Planted, dense: Path, tmp
         if engine == "exact":
             assert row["rel_error"] == pytest.approx(eckart_young, rel=1e-5)
             assert row["retained_energy"] == pytest.approx(float(np.sum(s[:8] ** 2) / np.sum(s**2)), rel=1e-5)
-        else:  # a flat random spectrum: the range finder misses part of the top-8 subspace
-            assert eckart_young * 1.001 < measured < eckart_young * 1.1
+        else:  # no rank-8 approximation beats the optimum; the issue allows 2% above it
+            assert eckart_young * (1 - 1e-6) <= measured < eckart_young * 1.02
         with torch.no_grad():
             reference.get_submodule(module).weight.copy_((base[name].double() + BA).float())
     assert report["totals"]["max_rel_error"] == pytest.approx(max(r["rel_error"] for r in rows.values()))
