@@ -202,7 +202,8 @@ def train(model: Any, params: list[torch.nn.Parameter], train_blocks: torch.Tens
     seconds = time.perf_counter() - started
     return {"steps": steps, "batch": batch, "block": train_blocks.shape[1], "lr": lr, "warmup": warmup,
             "schedule": "linear warm-up, cosine to lr/10", "optimizer": "AdamW(0.9, 0.999), wd 0, clip 1.0",
-            "seed": seed, "train_seconds": round(seconds, 1), "seconds_per_step": round(seconds / steps, 2),
+            "seed": seed, "train_seconds": round(seconds, 1),
+            "loadavg_1min_end": round(os.getloadavg()[0], 2), "seconds_per_step": round(seconds / steps, 2),
             "tokens_seen": steps * batch * train_blocks.shape[1],
             "train_loss_first10": sum(losses[:10]) / len(losses[:10]),
             "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]), "train_losses": losses}
