@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.metrics import frobenius_norm
+
 ENGINES = ("auto", "exact", "randomized")
 
 
@@ -137,11 +139,14 @@ class LowRank:
 
 
 def low_rank(dW: torch.Tensor, rule: RankRule, *, engine: str = "auto", oversample: int = 16, n_iter: int = 6,
-             seed: int = 0) -> LowRank:
-    """Truncated SVD of dW: [out, in] (any float dtype; computed in float32) under ``rule``."""
+             seed: int = 0, total_energy: float | None = None) -> LowRank:
+    """Truncated SVD of dW: [out, in] (any float dtype; computed in float32) under ``rule``.
+
+    ``total_energy`` is ||dW||_F^2 when the caller already has it (it is computed otherwise).
+    """
     D = dW.float()
     shape = (D.shape[0], D.shape[1])
-    total = float(torch.linalg.vector_norm(D, dtype=torch.float64) ** 2)
+    total = frobenius_norm(D) ** 2 if total_energy is None else float(total_energy)
     bound = rule.upper_bound(shape)
     used = pick_engine(engine, shape, bound)
     if used == "exact":

@@ -18,6 +18,7 @@ from compress.errors import InputError
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.peft_adapter import AdapterModule, AdapterSpec
 from compress.lowrank.svd import RankRule, low_rank, pick_engine
+from compress.metrics import frobenius_norm
 from compress.pipeline.plan import EMBEDDING_PATTERN, HEAD_PATTERN, compile_regex, default_choice
 from compress.pipeline.report import human_bytes
 
@@ -275,11 +276,13 @@ def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: Checkpo
         W_base = base.get(entry.name).to(device)
         W_tuned = tuned.get(entry.name).to(device)
         dW = W_tuned.float() - W_base.float()
-        if not bool(torch.isfinite(dW).all()):
+        # A NaN or inf anywhere makes the float64 sum of squares non-finite (finite float32 squares cannot
+        # overflow it), so the norm doubles as the finiteness check without another pass.
+        delta_norm = frobenius_norm(dW)
+        if not math.isfinite(delta_norm):
             raise InputError(f"the delta of '{entry.name}' has non-finite values (NaN or inf)",
                              fix="One of the checkpoints is damaged; check both with `compress inspect`.")
-        delta_norm = float(torch.linalg.vector_norm(dW, dtype=torch.float64))
-        base_norm = float(torch.linalg.vector_norm(W_base.float(), dtype=torch.float64))
+        base_norm = frobenius_norm(W_base)
         delta_rel = delta_norm / base_norm if base_norm > 0 else (0.0 if delta_norm == 0 else math.inf)
         module = entry.name.rsplit(".", 1)[0]
         if delta_norm == 0:
@@ -300,8 +303,8 @@ def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: Checkpo
             if rule.rank is not None and rule.rank > min(target.shape):
                 capped += 1
             lr = low_rank(target, rule, engine=options.engine, oversample=options.oversample,
-                          n_iter=options.n_iter, seed=options.seed)
-            residual = float(torch.linalg.vector_norm(target - lr.B @ lr.A, dtype=torch.float64))
+                          n_iter=options.n_iter, seed=options.seed, total_energy=delta_norm**2)
+            residual = frobenius_norm(torch.addmm(target, lr.B, lr.A, alpha=-1))
             kind = "embedding" if embedding else "linear"
             modules[module] = AdapterModule(module, kind, A=lr.A.to("cpu", options.dtype),
                                             B=lr.B.to("cpu", options.dtype))

@@ -93,7 +93,7 @@ def execute(plan: Plan, reader: CheckpointReader, out_dir: Path, *, device: torc
                                      fix="The checkpoint is damaged; fix it, or --exclude this tensor to keep "
                                          "it as is.")
                 qt = method.quantize(W, plan.config)
-                metrics = compare(W.float(), qt.dequantize(torch.float32))
+                metrics = compare(W, qt.dequantize(torch.float32))
                 packed = fmt.pack(info.name, qt.to("cpu"))
                 for spec in entry.outputs:
                     writer.write(spec.name, packed[spec.name])
