@@ -33,6 +33,7 @@ from compress.formats.writer import (
     check_output_path,
     write_json,
 )
+from compress.pipeline.gguf_run import check_gguf_output, plan_gguf, quantize_to_gguf, sidecar_paths, write_text_atomic
 from compress.pipeline.plan import Plan, make_plan
 from compress.pipeline.report import human_bytes, parse_size
 from compress.pipeline.run import execute, json_safe, resolve_device, write_sidecar_files
@@ -102,6 +103,10 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
     torch_device = resolve_device(device)
     if out is None and not dry_run:
         raise OptionError("missing output folder", fix="Pass -o OUT (or --dry-run to only see the plan).")
+    if fmt.container == "file":
+        _quantize_to_file(model, out, method, include=include, exclude=exclude, dry_run=dry_run, force=force,
+                          quiet=quiet, as_json=as_json, started=started)
+        return
     if out is not None and not dry_run:
         check_output_path(out, force=force, inputs=[model])
     with open_model(model) as reader:
@@ -128,6 +133,58 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
     _show_result(out, report, report.bytes_after, as_json=as_json, quiet=quiet)
 
 
+def _quantize_to_file(model: Path, out: Path | None, method: str, *, include: str | None, exclude: str | None,
+                      dry_run: bool, force: bool, quiet: bool, as_json: bool, started: float) -> None:
+    """`quantize --format gguf`: a single llama.cpp file plus its report and provenance beside it."""
+    if include is not None or exclude is not None:
+        raise OptionError("--include/--exclude do not apply to --format gguf",
+                          fix="llama.cpp needs every tensor; the types are chosen per tensor (see --dry-run).")
+    if out is not None and not dry_run:
+        check_gguf_output(out, force=force, inputs=[model])
+    with open_model(model) as reader:
+        planned, notes = plan_gguf(reader, method)
+        if dry_run:
+            _show_gguf_plan(reader, planned, notes, method, as_json)
+            return
+        assert out is not None
+        total = sum(i.nbytes for i in reader.infos())
+        report = _with_progress(f"{method} (gguf)", total, quiet or as_json,
+                                lambda progress: quantize_to_gguf(reader, out, method, force=force,
+                                                                  progress=progress))
+        if isinstance(reader, DequantizingReader):
+            report.notes.append(f"the input was already quantized ({reader.format.name}); it was dequantized "
+                                "and quantized again, so errors are measured against the dequantized input")
+    side = sidecar_paths(out)
+    write_text_atomic(side["report_json"], json.dumps(json_safe(report.as_dict()), indent=2) + "\n")
+    write_text_atomic(side["report_md"], report.to_markdown())
+    _write_provenance(side["provenance"], "quantize", model, out, started, torch.device("cpu"),
+                      {"method": method, "parameters": report.parameters, "format": "gguf"})
+    _show_result(out, report, report.bytes_after, as_json=as_json, quiet=quiet, report_json=side["report_json"])
+
+
+def _show_gguf_plan(reader: Any, planned: list[Any], notes: list[str], method: str, as_json: bool) -> None:
+    infos = {i.name: i for i in reader.infos()}
+    rows = [{"name": t.source, "gguf_name": t.name, "shape": list(t.shape), "type": t.qtype.upper(),
+             "bytes_before": infos[t.source].nbytes, "bytes_after": t.nbytes} for t in planned]
+    before, after = sum(r["bytes_before"] for r in rows), sum(r["bytes_after"] for r in rows)
+    if as_json:
+        click.echo(json.dumps({"method": method, "format": "gguf", "bytes_before": before, "bytes_after": after,
+                               "notes": notes, "tensors": rows}, indent=2))
+        return
+    table = Table(title=f"plan: {method} → gguf (dry run, nothing written)")
+    table.add_column("tensor", overflow="fold", min_width=24)
+    for col in ("gguf name", "shape", "type", "bytes → after"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["gguf_name"], "×".join(map(str, r["shape"])), r["type"],
+                      f"{human_bytes(r['bytes_before'])} → {human_bytes(r['bytes_after'])}")
+    out_console.print(table)
+    for note in notes:
+        out_console.print(f"[yellow]note:[/] {note}")
+    out_console.print(f"{len(rows)} tensors; projected size {human_bytes(before)} → {human_bytes(after)} "
+                      "(plus GGUF metadata and the tokenizer)")
+
+
 def _shard_bytes(text: str) -> int:
     try:
         return parse_size(text)
@@ -136,16 +193,18 @@ def _shard_bytes(text: str) -> int:
                           fix="Use a number with a unit, e.g. 5GB or 500MB.") from e
 
 
-def _show_result(out: Path, report: Any, size: int, *, as_json: bool, quiet: bool) -> None:
+def _show_result(out: Path, report: Any, size: int, *, as_json: bool, quiet: bool,
+                 report_json: Path | None = None) -> None:
     """The end of a run: report.json on stdout with --json, else the tables and notes."""
+    report_json = report_json or out / "report.json"
     if as_json:
-        click.echo(json.dumps(json.loads((out / "report.json").read_text()), indent=2))
+        click.echo(json.dumps(json.loads(report_json.read_text()), indent=2))
     elif not quiet:
         for table in report.rich_tables():
             out_console.print(table)
         for note in report.notes:
             out_console.print(f"[yellow]note:[/] {note}")
-        out_console.print(f"wrote {out} ({human_bytes(size)}); report: {out / 'report.md'}")
+        out_console.print(f"wrote {out} ({human_bytes(size)}); report: {report_json.with_suffix('.md')}")
 
 
 def _show_plan(plan: Plan, as_json: bool) -> None:
@@ -173,10 +232,11 @@ def _show_plan(plan: Plan, as_json: bool) -> None:
                       f"{human_bytes(plan.input_bytes)} → {human_bytes(plan.output_bytes)}")
 
 
-def _write_provenance(folder: Path, command: str, source: Path, out: Path, started: float, device: torch.device,
+def _write_provenance(where: Path, command: str, source: Path, out: Path, started: float, device: torch.device,
                       details: dict[str, Any]) -> None:
+    """Provenance into ``where``: a folder (its compress_provenance.json) or a file path."""
     finished = time.time()
-    write_json(folder / "compress_provenance.json", {
+    write_json(where / "compress_provenance.json" if where.is_dir() else where, {
         "tool": "compress", "version": __version__, "command": command, "argv": ["compress", *_invocation],
         **details,
         "input": str(source.resolve()), "output": str(out.resolve()), "device": str(device),
@@ -310,18 +370,26 @@ def _write_adapter(folder: Path, spec: Any) -> None:
 @common_output_options
 def dequantize(quantized: Path, out: Path, dtype_choice: str, force: bool, quiet: bool, as_json: bool,
                shard_size: str) -> None:
-    """Turn a quantized checkpoint (bnb NF4/FP4 or GPTQ int4) back into a float checkpoint."""
+    """Turn a quantized checkpoint (any --format output, or a .gguf) back into a float checkpoint."""
     started = time.time()
     shard_bytes = _shard_bytes(shard_size)
     check_output_path(out, force=force, inputs=[quantized])
+    from compress.formats.gguf_reader import GGUFReader
+
     with open_model(quantized) as reader:
-        if not isinstance(reader, DequantizingReader) or not any(reader.is_quantized(i.name) for i in reader.infos()):
+        is_gguf = isinstance(reader, GGUFReader)
+        if not is_gguf and (not isinstance(reader, DequantizingReader)
+                            or not any(reader.is_quantized(i.name) for i in reader.infos())):
             raise InputError("no quantized weights found", where=str(quantized),
-                             fix="`compress dequantize` reads outputs of `compress quantize` (bnb or gptq layouts).")
+                             fix="`compress dequantize` reads outputs of `compress quantize` (layouts: "
+                                 f"{', '.join(FORMATS)}).")
+
+        def is_quantized(name: str) -> bool:  # a GGUF's tensors are all decoded (to float32)
+            return is_gguf or (isinstance(reader, DequantizingReader) and reader.is_quantized(name))
+
         dtype = None if dtype_choice == "original" else getattr(torch, dtype_choice)
         infos = reader.infos()
-        specs = [TensorSpec(i.name, dtype if (dtype and reader.is_quantized(i.name)) else i.dtype, i.shape)
-                 for i in infos]
+        specs = [TensorSpec(i.name, dtype if (dtype and is_quantized(i.name)) else i.dtype, i.shape) for i in infos]
         with atomic_output_dir(out, force=force) as tmp:
             writer = ShardedWriter(tmp, specs, shard_bytes)
             try:
@@ -339,9 +407,9 @@ def dequantize(quantized: Path, out: Path, dtype_choice: str, force: bool, quiet
             for name, source in reader.extra_files().items():
                 (tmp / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
             _write_provenance(tmp, "dequantize", quantized, out, started, torch.device("cpu"),
-                              {"format": reader.format.name, "dtype": dtype_choice})
+                              {"format": "gguf" if is_gguf else reader.format.name, "dtype": dtype_choice})
     summary = {"output": str(out), "tensors": len(specs),
-               "dequantized": sum(reader.is_quantized(i.name) for i in infos), "bytes": sum(s.nbytes for s in specs)}
+               "dequantized": sum(is_quantized(i.name) for i in infos), "bytes": sum(s.nbytes for s in specs)}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -355,6 +423,8 @@ def dequantize(quantized: Path, out: Path, dtype_choice: str, force: bool, quiet
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor (default: a summary by kind).")
 def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
     """Show what is inside a checkpoint: tensors, dtypes, sizes and quantization."""
+    from compress.formats.gguf_reader import GGUFReader
+
     with open_checkpoint(path) as raw:
         fmt = format_of(raw)
         qconfig = (raw.config or {}).get("quantization_config")
@@ -363,7 +433,14 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
         rows = []
         stored_bytes = {i.name: i.nbytes for i in stored}
         infos = reader.infos() if reader else stored
+        gguf_file = raw if isinstance(raw, GGUFReader) else None
         for info in infos:
+            if gguf_file is not None:  # a GGUF's tensors are read as float32; show what the file stores
+                _gguf_name, qtype, nbytes = gguf_file.stored(info.name)
+                desc = "" if qtype in ("F32", "F16", "BF16") else qtype
+                rows.append({"name": info.name, "shape": list(info.shape), "dtype": qtype.lower(),
+                             "quantization": desc, "bytes": nbytes})
+                continue
             if reader is not None and reader.is_quantized(info.name):
                 qt = reader.quantized(info.name)
                 keys = reader.format.stored_keys(info.name, set(stored_bytes))
@@ -377,7 +454,7 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
         total_bytes = sum(r["bytes"] for r in rows)
         q_rows = [r for r in rows if r["quantization"]]
         data = {
-            "path": str(path), "format": fmt.name if fmt else "float",
+            "path": str(path), "format": "gguf" if gguf_file is not None else (fmt.name if fmt else "float"),
             "quantization_config": qconfig, "model_type": (raw.config or {}).get("model_type"),
             "tensors": len(rows), "parameters": params, "bytes": total_bytes,
             "bits_per_parameter": 8 * total_bytes / params if params else 0.0,

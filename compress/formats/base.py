@@ -18,12 +18,24 @@ from compress.formats.writer import TensorSpec
 from compress.quant.base import QuantizedTensor
 
 
-class WeightFormat(ABC):
-    """A registered layout for quantized Linear weights inside a Hugging Face checkpoint folder."""
+class ExportFormat:
+    """An entry of the ``--format`` registry: a name, the methods it can hold, and its container.
+
+    ``container`` is ``"folder"`` for layouts inside a Hugging Face checkpoint folder (the
+    :class:`WeightFormat` subclasses, written by the streaming shard writer) and ``"file"`` for
+    single-file formats with their own writer (GGUF).
+    """
 
     name: str
     summary: str
-    methods: tuple[str, ...]  # quantization methods this layout can hold
+    methods: tuple[str, ...]  # quantization methods this format can hold
+    container: str = "folder"
+
+
+class WeightFormat(ExportFormat, ABC):
+    """A registered layout for quantized Linear weights inside a Hugging Face checkpoint folder."""
+
+    container = "folder"
 
     @abstractmethod
     def unsupported(self, shape: tuple[int, ...], config: Any) -> str | None:

@@ -454,6 +454,12 @@ class GGUFReader(CheckpointReader):
                        for name, e in sorted(self._entries.items(), key=lambda kv: kv[1].index)]
         self._extra: dict[str, bytes | Path] | None = None
 
+    def stored(self, name: str) -> tuple[str, str, int]:
+        """(GGUF name, GGML type name such as 'Q4_0' or 'F32', bytes in the file) of tensor ``name``."""
+        entry = self._entries[name]
+        t = self._reader.tensors[entry.index]
+        return entry.gguf_name, t.tensor_type.name, int(t.n_bytes)
+
     def _map_tensors(self, layout: GGUFLayout) -> dict[str, _Entry]:
         """Hugging Face name -> entry (index filled in later); checks names and shapes against the config."""
         where = str(self.path)

@@ -55,6 +55,7 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ import torch
 from compress.errors import InputError, OptionError, OutputError
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
 from compress.formats.gguf_reader import LLAMA_GLOBAL_NAMES, LLAMA_LAYER_NAMES, permute_qk
+from compress.metrics import ErrorMetrics, compare
 from compress.quant.ggml import BLOCK, GGML_TYPES, GGMLConfig, ggml_nbytes, quantize_ggml
 
 logger = logging.getLogger(__name__)
@@ -486,18 +488,30 @@ def _copy_fields(writer: Any, src: Any, prefixes: tuple[str, ...], notes: list[s
 # --- writing -------------------------------------------------------------------------------------------
 
 
-def _tensor_bytes(t: torch.Tensor, planned: PlannedTensor) -> np.ndarray | None:
+def _tensor_bytes(t: torch.Tensor, planned: PlannedTensor,
+                  measure: bool = False) -> tuple[np.ndarray | None, ErrorMetrics | None]:
     """The GGUF bytes of one tensor (torch order in, already permuted) as a numpy array, or None if
-    the tensor holds NaN/inf (or values its GGUF type cannot represent)."""
+    the tensor holds NaN/inf (or values its GGUF type cannot represent); with ``measure``, the error
+    of what is stored against ``t`` (None for exact F32 copies)."""
     if planned.qtype in GGML_TYPES:
         q = quantize_ggml(t, GGMLConfig(planned.qtype))
-        return q.packed().numpy() if q.scales_finite() else None  # NaN/inf reach the block scales
+        if not q.scales_finite():  # NaN/inf reach the block scales
+            return None, None
+        return q.packed().numpy(), (compare(t, q.dequantize(torch.float32)) if measure else None)
     out = t.float()  # bf16/f16 -> f32 exactly; f16 output rounds from f32, as llama.cpp's converter does
     if planned.qtype == "f16":
         out = out.half()
     if not bool(torch.isfinite(out).all()):
-        return None
-    return np.ascontiguousarray(out.numpy())
+        return None, None
+    # F32 copies of f32/bf16/f16 tensors are exact; only F16 from another dtype rounds
+    metrics = compare(t, out) if measure and planned.qtype == "f16" and t.dtype != torch.float16 else None
+    return np.ascontiguousarray(out.numpy()), metrics
+
+
+def _model_name(reader: CheckpointReader) -> str:
+    """The input folder's name (or a single file's stem): what convert_hf_to_gguf.py calls the model."""
+    path = Path(reader.path)
+    return path.name if path.is_dir() else path.stem
 
 
 def _check_out_file(out_file: Path, reader: CheckpointReader, force: bool) -> None:
@@ -514,7 +528,8 @@ def _check_out_file(out_file: Path, reader: CheckpointReader, force: bool) -> No
 
 def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], method: str = "q4_0", *,
                 embeddings_type: str | None = None, tokenizer: str = "auto", name: str | None = None,
-                force: bool = False) -> dict[str, Any]:
+                force: bool = False, measure: bool = False,
+                progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Write ``reader``'s Llama model as a llama.cpp GGUF file; returns a report (see below).
 
     Args:
@@ -524,8 +539,12 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         method: type of the Linear weights: ``q4_0``, ``q4_1``, ``q8_0``, ``f16`` or ``f32``.
         embeddings_type: type of ``token_embd`` and ``output`` (default: see the module docstring).
         tokenizer: ``"auto"`` (carry the tokenizer; error if it cannot be) or ``"none"``.
-        name: ``general.name`` (default: the source GGUF's, else the output file's stem).
+        name: ``general.name`` (default: the source GGUF's, else the input's folder or file name, as
+            ``convert_hf_to_gguf.py`` does; never the output path, so that the bytes do not depend on it).
         force: replace an existing ``out_file``.
+        measure: compute the error of every quantized (or F16-rounded) tensor against its source
+            (``metrics`` in its ``tensors`` entry: rel_fro, sqnr_db, max_abs, cosine).
+        progress: called with (source name, source bytes) after each tensor is written.
 
     Returns:
         ``{"file", "method", "file_type", "bytes", "tensors": [{"name", "source", "type", "shape",
@@ -560,7 +579,7 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         writer.add_type("model")
         source_name = src.fields.get("general.name") if src is not None else None
         writer.add_name(name or (bytes(source_name.parts[-1]).decode("utf-8", "replace") if source_name
-                                 else out_file.stem.split(".")[0]))
+                                 else _model_name(reader)))
         writer.add_block_count(p.layers)
         if p.context is not None:
             writer.add_context_length(p.context)
@@ -620,6 +639,8 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         writer.write_ti_data_to_file()
         for _t, data in extra:
             writer.write_tensor_data(data)
+        measured: dict[str, ErrorMetrics] = {}
+        reader_bytes = {i.name: i.nbytes for i in infos}
         for t in plan:
             assert t.source is not None
             w = reader.get(t.source)
@@ -628,7 +649,9 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
                                  f"{list(t.shape)}", where=where, fix="The checkpoint is corrupt.")
             if t.permute_heads is not None:
                 w = permute_qk(w, t.permute_heads)
-            data = _tensor_bytes(w, t)
+            data, metrics = _tensor_bytes(w, t, measure)
+            if metrics is not None:
+                measured[t.name] = metrics
             del w
             if data is None:
                 raise InputError(f"tensor '{t.source}' contains NaN or inf, or values too large for "
@@ -636,6 +659,8 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
                                  fix="Fix the checkpoint; llama.cpp cannot use non-finite weights.")
             writer.write_tensor_data(data)
             del data
+            if progress is not None:
+                progress(t.source, reader_bytes.get(t.source, 0))
         writer.close()
         if out_file.exists() and not force:  # appeared while we were writing
             raise OutputError(f"output {out_file} already exists", fix="Pass force=True to replace it.")
@@ -654,8 +679,11 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         entry["tensors"] += 1
         entry["params"] += math.prod(t.shape)
         entry["bytes"] += t.nbytes
-        tensors.append({"name": t.name, "source": t.source, "type": qname, "shape": list(reversed(t.shape)),
-                        "bytes": t.nbytes})
+        entry_out: dict[str, Any] = {"name": t.name, "source": t.source, "type": qname,
+                                     "shape": list(reversed(t.shape)), "bytes": t.nbytes}
+        if t.name in measured:
+            entry_out["metrics"] = measured[t.name].as_dict()
+        tensors.append(entry_out)
     return {"file": str(out_file), "method": method, "file_type": FILE_TYPES[method],
             "bytes": out_file.stat().st_size, "tensors": tensors, "by_type": by_type, "tokenizer": tok_report,
             "notes": notes}

@@ -15,7 +15,9 @@ from compress.formats.base import WeightFormat, parse_dtype
 from compress.formats.checkpoint import CheckpointReader, TensorInfo, open_checkpoint
 from compress.quant.base import QuantizedTensor
 
-QUANT_METHOD_TO_FORMAT = {"bitsandbytes": "bnb", "gptq": "gptq"}
+# config.json quantization_config.quant_method -> our layout name
+QUANT_METHOD_TO_FORMAT = {"bitsandbytes": "bnb", "gptq": "gptq", "compress": "native",
+                          "compressed-tensors": "compressed-tensors"}
 
 
 def model_dtype(config: dict[str, Any] | None, default: torch.dtype = torch.float16) -> torch.dtype:
@@ -97,8 +99,10 @@ class DequantizingReader(CheckpointReader):
 def format_of(reader: CheckpointReader) -> WeightFormat | None:
     """The quantized layout of an opened checkpoint, from its config or (failing that) its keys."""
     qc = (reader.config or {}).get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") in QUANT_METHOD_TO_FORMAT:
-        return FORMATS[QUANT_METHOD_TO_FORMAT[qc["quant_method"]]]
+    if isinstance(qc, dict):
+        fmt = FORMATS.get(QUANT_METHOD_TO_FORMAT.get(str(qc.get("quant_method")), ""))
+        if isinstance(fmt, WeightFormat):
+            return fmt
     return detect_format({i.name for i in reader.infos()})
 
 

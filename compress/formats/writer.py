@@ -138,8 +138,15 @@ class ShardedWriter:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Deterministic, human-readable JSON (sorted keys would reorder configs, so keep insertion order)."""
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Deterministic, human-readable JSON (sorted keys would reorder configs, so keep insertion order),
+    written to a temporary file beside ``path`` and renamed, so ``path`` is never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def check_output_path(out: Path, *, force: bool, inputs: list[Path]) -> None:

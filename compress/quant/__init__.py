@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from compress.quant.base import QuantizedTensor
-from compress.quant.int4 import Int4Config, Int4Tensor, quantize_int4
+from compress.quant.ggml import GGMLConfig, GGMLTensor, quantize_ggml
+from compress.quant.int4 import AffineInt4Tensor, Int4Config, Int4Tensor, quantize_int4
 from compress.quant.nf4 import NF4Config, NF4Tensor, quantize_nf4
 
 
@@ -55,40 +56,77 @@ METHODS: dict[str, QuantMethod] = {
         default_format="gptq",
         reference="https://arxiv.org/abs/2210.17323",
     ),
+    "q4_0": QuantMethod(
+        name="q4_0",
+        summary="llama.cpp Q4_0: 4-bit, one fp16 scale per 32 weights (4.5 bits/weight), bit-identical to "
+        "llama.cpp's quantizer",
+        config_cls=GGMLConfig,
+        quantize=quantize_ggml,
+        default_format="gguf",
+        reference="https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-quants.c",
+    ),
+    "q4_1": QuantMethod(
+        name="q4_1",
+        summary="llama.cpp Q4_1: 4-bit, fp16 scale and minimum per 32 weights (5 bits/weight)",
+        config_cls=GGMLConfig,
+        quantize=quantize_ggml,
+        default_format="gguf",
+        reference="https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-quants.c",
+    ),
+    "q8_0": QuantMethod(
+        name="q8_0",
+        summary="llama.cpp Q8_0: 8-bit, one fp16 scale per 32 weights (8.5 bits/weight)",
+        config_cls=GGMLConfig,
+        quantize=quantize_ggml,
+        default_format="gguf",
+        reference="https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-quants.c",
+    ),
 }
+
+QuantConfig = NF4Config | Int4Config | GGMLConfig
 
 
 def make_config(method: str, *, block_size: int = 64, double_quant: bool = False, group_size: int = 128,
-                symmetric: bool = False) -> NF4Config | Int4Config:
+                symmetric: bool = False) -> QuantConfig:
     """Build the method's frozen config from CLI-style options (ValueError if invalid)."""
     if method in ("nf4", "fp4"):
         return NF4Config(block_size=block_size, double_quant=double_quant, quant_type=method)
     if method == "int4":
         return Int4Config(group_size=group_size, symmetric=symmetric)
+    if method in ("q4_0", "q4_1", "q8_0"):
+        return GGMLConfig(method)  # fixed blocks of 32: no options
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def describe_config(config: NF4Config | Int4Config) -> str:
-    """Short human description, e.g. 'nf4 b64 +dq' or 'int4 g128 asym'."""
+def describe_config(config: QuantConfig) -> str:
+    """Short human description, e.g. 'nf4 b64 +dq', 'int4 g128 asym' or 'q4_0'."""
     if isinstance(config, NF4Config):
         return f"{config.quant_type} b{config.block_size}" + (" +dq" if config.double_quant else "")
+    if isinstance(config, GGMLConfig):
+        return config.qtype
     return f"int4 g{config.group_size} {'sym' if config.symmetric else 'asym'}"
 
 
-def config_to_dict(config: NF4Config | Int4Config) -> dict[str, Any]:
+def config_to_dict(config: QuantConfig) -> dict[str, Any]:
     """JSON-ready parameters of a method config (for reports and provenance)."""
     if isinstance(config, NF4Config):
         return {"method": config.quant_type, "block_size": config.block_size, "double_quant": config.double_quant}
+    if isinstance(config, GGMLConfig):
+        return {"method": config.qtype, "block_size": config.block_size}
     return {"method": "int4", "group_size": config.group_size, "symmetric": config.symmetric,
             "scale_dtype": str(config.scale_dtype).removeprefix("torch.")}
 
 
 __all__ = [
     "METHODS",
+    "AffineInt4Tensor",
+    "GGMLConfig",
+    "GGMLTensor",
     "Int4Config",
     "Int4Tensor",
     "NF4Config",
     "NF4Tensor",
+    "QuantConfig",
     "QuantMethod",
     "QuantizedTensor",
     "config_to_dict",

@@ -83,6 +83,53 @@ class Int4Tensor(QuantizedTensor):
         return 4 * self.numel + (scale_bits + zero_bits) * self.scales.numel()
 
 
+    def to_affine(self) -> AffineInt4Tensor:
+        """The same weights with float offsets: W' = scale * q + offset, offset = -scale * zero.
+
+        Exact: scale (at most float16/bfloat16 precision) times an integer 0..15 fits float32's
+        mantissa, and so does scale * (q - zero), so both forms dequantize to identical float32 values.
+        """
+        return AffineInt4Tensor(shape=self.shape, dtype=self.dtype, codes=self.codes, scales=self.scales,
+                                offsets=-(self.scales * self.zeros.float()), group_size=self.group_size,
+                                scale_dtype=self.scale_dtype)
+
+
+@dataclass
+class AffineInt4Tensor(QuantizedTensor):
+    """4-bit codes with a float scale and a float offset per group: W'[o, i] = s[o, g] * q[o, i] + m[o, g],
+    g = i // group_size (the last group may be shorter).
+
+    codes: uint8 [out, in] in 0..15; scales: float32 [out, n_groups] (values exactly representable in
+    ``scale_dtype``); offsets: float32 [out, n_groups] (any float32 value).
+
+    Unlike an integer zero point, a float offset can absorb any update that is constant inside a
+    group without touching codes or scales -- what a QA-LoRA adapter's update is -- so merging such
+    an adapter into the quantized weights is exact (``compress merge``). Q4_1 in llama.cpp has the
+    same form with groups of 32 and float16 scale/offset.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+    group_size: int
+    scale_dtype: torch.dtype = torch.float16
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    def group_index(self) -> torch.Tensor:
+        """int64 [in]: the group of each input channel."""
+        return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        g = self.group_index()
+        return torch.addcmul(self.offsets[:, g], self.codes.float(), self.scales[:, g]).to(dtype or self.dtype)
+
+    def storage_bits(self) -> int:
+        return 4 * self.numel + (8 * self.scale_dtype.itemsize + 32) * self.scales.numel()
+
+
 def _round_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round to the stored precision, never to zero (a zero scale would divide by zero)."""
     stored = scale.to(dtype)
