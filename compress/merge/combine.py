@@ -76,8 +76,9 @@ def cat_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
 
 
 def n_kept(numel: int, density: float) -> int:
-    """How many elements a ``density`` fraction keeps: the nearest integer, halves rounded up."""
-    return min(numel, int(density * numel + 0.5))
+    """How many elements a ``density`` fraction keeps: ``floor(density * numel)``, the count PEFT's
+    and mergekit's magnitude pruning keep, so that TIES results agree with theirs."""
+    return min(numel, int(density * numel))
 
 
 def trim_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
