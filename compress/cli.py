@@ -33,6 +33,8 @@ from compress.formats.writer import (
     check_output_path,
     write_json,
 )
+from compress.merge.adapter import QALORA_POOLING
+from compress.merge.combine import COMBINE_METHODS
 from compress.pipeline.gguf_run import check_gguf_output, plan_gguf, quantize_to_gguf, sidecar_paths, write_text_atomic
 from compress.pipeline.plan import Plan, make_plan
 from compress.pipeline.report import human_bytes, parse_size
@@ -617,6 +619,106 @@ def _eval_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| `{row['model']}` | {row['loader']} | {human_bytes(row['size_bytes'])} | {row[metric]:.4f} | "
                      f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%) |")
     return "\n".join(lines) + "\n"
+
+
+@cli.command("merge")
+@click.argument("base_path", metavar="BASE", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapter_paths", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="A PEFT LoRA adapter folder (repeat for several; QA-LoRA, DoRA, rsLoRA adapters included).")
+@click.option("--weight", "weights", multiple=True, type=float,
+              help="Weight of each adapter, in --adapter order (repeat; default 1.0 for every adapter).")
+@click.option("--combine", "combine_name", type=click.Choice(list(COMBINE_METHODS)), default="sum", show_default=True,
+              help="; ".join(f"{m.name}: {m.summary} ({m.paper})" for m in COMBINE_METHODS.values()))
+@click.option("--density", type=float, default=None,
+              help="ties: fraction of each delta kept by magnitude; dare: probability an element survives "
+                   "(default 0.5).")
+@click.option("--rank", type=int, default=None, help="svd: target rank (default: the largest adapter rank).")
+@click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the drop masks; svd: of the "
+              "randomized SVD.")
+@click.option("--qalora-pooling", type=click.Choice(list(QALORA_POOLING)), default="peft", show_default=True,
+              help="How QA-LoRA adapters pooled each input group in training: peft (PEFT 0.21: group mean times "
+                   "in/g), mean (QA-LoRA reference code), sum (QA-LoRA paper).")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Output checkpoint folder (required unless --dry-run).")
+@click.option("--quantize", "quantize_method", type=click.Choice(["none"]), default="none", show_default=True,
+              help="Quantize the merged model: none writes a float checkpoint in the base's dtype.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where the math runs (auto: CUDA when available).")
+@click.option("--dry-run", is_flag=True, help="Print which tensors each adapter changes; write nothing.")
+@common_output_options
+def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float, ...], combine_name: str,
+          density: float | None, rank: int | None, seed: int, qalora_pooling: str, out: Path | None,
+          quantize_method: str, device: str, dry_run: bool, force: bool, quiet: bool, as_json: bool,
+          shard_size: str) -> None:
+    """Merge LoRA adapters into BASE (a float checkpoint, or a compress NF4/INT4 output, dequantized first)."""
+    from compress.merge import read_adapter
+    from compress.merge.combine import make_combine, method_options
+    from compress.pipeline.merge import MergedReader, MergeOptions, plan_merge, write_merged
+
+    started = time.time()
+    if weights and len(weights) != len(adapter_paths):
+        raise OptionError(f"{len(weights)} --weight values for {len(adapter_paths)} adapters",
+                          fix="Give one --weight per --adapter, in the same order, or none (every weight 1.0).")
+    options: dict[str, Any] = {"density": density, "rank": rank}
+    if "seed" in method_options(combine_name):
+        options["seed"] = seed
+    try:
+        method = make_combine(combine_name, **options)
+        merge_options = MergeOptions(method=method, weights=tuple(weights), qalora_pooling=qalora_pooling)
+    except ValueError as e:
+        raise OptionError(str(e), fix="See `compress merge --help`.") from e
+    shard_bytes = _shard_bytes(shard_size)
+    torch_device = resolve_device(device)
+    if out is None and not dry_run:
+        raise OptionError("missing output folder", fix="Pass -o OUT (or --dry-run to only see the plan).")
+    if out is not None and not dry_run:
+        check_output_path(out, force=force, inputs=[base_path, *adapter_paths])
+    adapters = [read_adapter(p) for p in adapter_paths]
+    with open_model(base_path) as base:
+        plan = plan_merge(base, adapters, merge_options)
+        if dry_run:
+            _show_merge_plan(plan, as_json)
+            return
+        assert out is not None
+        if isinstance(base, DequantizingReader):
+            plan.notes.append(f"the base was quantized ({base.format.name}); the adapters were merged into its "
+                              "dequantized weights")
+        merged = MergedReader(base, plan, device=torch_device)
+        total = sum(i.nbytes for i in plan.infos)
+        with atomic_output_dir(out, force=force) as tmp:
+            report = _with_progress("merge", total, quiet or as_json,
+                                    lambda progress: write_merged(merged, tmp, shard_bytes=shard_bytes,
+                                                                  progress=progress))
+            _write_provenance(tmp, "merge", base_path, out, started, torch_device,
+                              {"adapters": [str(p.resolve()) for p in adapter_paths], "weights": list(plan.weights),
+                               "combine": method.to_dict(), "qalora_pooling": qalora_pooling,
+                               "quantize": quantize_method, "shard_size": shard_bytes})
+    _show_result(out, report, report.bytes_written, as_json=as_json, quiet=quiet)
+
+
+def _show_merge_plan(plan: Any, as_json: bool) -> None:
+    data = plan.as_dict()
+    if as_json:
+        click.echo(json.dumps(json_safe(data), indent=2))
+        return
+    adapters = Table(title=f"merge plan: {plan.options.method.describe()} (dry run, nothing written)")
+    for col in ("adapter", "weight", "modules", "ranks", "features"):
+        adapters.add_column(col)
+    for a in data["adapters"]:
+        adapters.add_row(a["label"], f"{a['weight']:g}", str(a["modules"]), str(a["ranks"]), ", ".join(a["features"]))
+    out_console.print(adapters)
+    table = Table(title="tensors the adapters change")
+    table.add_column("tensor", overflow="fold", min_width=24)
+    for col in ("shape", "dtype", "adapters", "kinds"):
+        table.add_column(col)
+    for t in data["tensors"]:
+        table.add_row(t["name"], "×".join(map(str, t["shape"])), t["dtype"], ", ".join(t["adapters"]),
+                      ", ".join(t["kinds"]))
+    out_console.print(table)
+    out_console.print(f"{len(data['tensors'])} tensors change ({data['params_changed']:,} parameters), "
+                      f"{data['tensors_unchanged']} are copied unchanged")
+    for note in data["notes"]:
+        out_console.print(f"[yellow]note:[/] {note}")
 
 
 @cli.command("methods")
