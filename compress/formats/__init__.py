@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from compress.formats.base import ExportFormat, WeightFormat
 from compress.formats.bnb import BnbFormat
+from compress.formats.compressed_tensors import CompressedTensorsFormat
 from compress.formats.gguf_format import GgufFormat
 from compress.formats.gptq import GptqFormat
 from compress.formats.native import NativeFormat
 
-FORMATS: dict[str, ExportFormat] = {f.name: f for f in (BnbFormat(), GptqFormat(), NativeFormat(), GgufFormat())}
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (BnbFormat(), GptqFormat(), NativeFormat(), GgufFormat(),
+                                                        CompressedTensorsFormat())}
 
 
 def detect_format(keys: set[str]) -> WeightFormat | None:

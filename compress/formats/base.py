@@ -37,6 +37,11 @@ class WeightFormat(ExportFormat, ABC):
 
     container = "folder"
 
+    def adapt_config(self, config: Any, dtype: torch.dtype) -> Any:
+        """The method config this layout needs for a model whose weights are ``dtype`` (e.g. scales
+        rounded to the dtype the loader casts them into). Unchanged by default."""
+        return config
+
     @abstractmethod
     def unsupported(self, shape: tuple[int, ...], config: Any) -> str | None:
         """Why a weight of this shape cannot be stored (then it is kept in float), or None."""

@@ -8,6 +8,7 @@ layout of the streaming writer.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,9 @@ def make_plan(infos: list[TensorInfo], method: str, config: Any, fmt: WeightForm
     include adds 2-D float weights to the default selection, exclude removes tensors from it."""
     include_re = compile_regex(include, "--include")
     exclude_re = compile_regex(exclude, "--exclude")
+    # The layout may tie the config to the model dtype (the most common dtype of its 2-D float weights).
+    dtypes = Counter(i.dtype for i in infos if i.dtype in QUANTIZABLE_DTYPES and len(i.shape) == 2)
+    config = fmt.adapt_config(config, dtypes.most_common(1)[0][0] if dtypes else torch.float32)
     plan = Plan(method=method, config=config, format=fmt)
     for info in infos:
         chosen, reason = default_choice(info)
