@@ -84,7 +84,9 @@ def merge(capsys: pytest.CaptureFixture[str], base: Path, adapters: list[Path], 
     argv: list[object] = ["merge", base]
     for a in adapters:
         argv += ["--adapter", a]
-    r = run(capsys, *argv, "-o", out, "--quiet", *options)
+    # CPU: the exactness checks compare with PEFT on CPU (CUDA's matmuls round differently)
+    device = () if "--device" in options else ("--device", "cpu")
+    r = run(capsys, *argv, "-o", out, "--quiet", *device, *options)
     assert r.rc == 0, r.err
     return out
 
@@ -468,7 +470,8 @@ def test_merge_into_quantized_base(method: str, llama: Path, tmp_path: Path,
     """A compress NF4/INT4 output as BASE: the adapters go into its dequantized weights, which is
     exactly merging into `compress dequantize`'s float checkpoint."""
     quantized = tmp_path / "q"
-    assert run(capsys, "quantize", llama, "-o", quantized, "--method", method, "--group-size", 32, "--quiet").rc == 0
+    assert run(capsys, "quantize", llama, "-o", quantized, "--method", method, "--group-size", 32, "--quiet",
+               "--device", "cpu").rc == 0
     dequantized = tmp_path / "deq"
     assert run(capsys, "dequantize", quantized, "-o", dequantized, "--quiet").rc == 0
     adapter = make_adapter(llama, tmp_path / "a", seed=1, target_modules=["q_proj", "down_proj"])
@@ -483,6 +486,24 @@ def test_merge_into_quantized_base(method: str, llama: Path, tmp_path: Path,
     notes = json.loads((out / "report.json").read_text())["notes"]
     assert any("the base was quantized" in n for n in notes)
     logits(load_lm(out))  # loads as a plain float model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("options", [(), ("--combine", "ties", "--density", 0.3),
+                                     ("--combine", "dare", "--density", 0.4), ("--combine", "svd", "--rank", 3)])
+def test_cuda_agrees_with_cpu(options: tuple[object, ...], llama: Path, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The same merge on CUDA: float32 rounding of another matmul; DARE masks come from a CPU
+    generator, so they are the same. TIES: an element within rounding of the trim threshold may be
+    kept on one device and not the other, so a few elements per tensor may differ."""
+    a1 = make_adapter(llama, tmp_path / "a1", seed=1, target_modules=["q_proj", "v_proj"], use_dora=False)
+    a2 = make_adapter(llama, tmp_path / "a2", seed=2, target_modules=["q_proj", "down_proj"], use_dora=True)
+    cpu = tensors_of(merge(capsys, llama, [a1, a2], tmp_path / "cpu", "--weight", 0.6, "--weight", 0.8, *options))
+    gpu = tensors_of(merge(capsys, llama, [a1, a2], tmp_path / "gpu", "--weight", 0.6, "--weight", 0.8, *options,
+                           "--device", "cuda"))
+    for name, tensor in cpu.items():
+        differ = int(((gpu[name] - tensor).abs() > 2e-5).sum())
+        assert differ <= (3 if "ties" in options else 0), (name, differ)
 
 
 # --- output folder, dry run, provenance ------------------------------------------------------------
@@ -610,6 +631,26 @@ def test_bad_input(case: str, llama: Path, tmp_path: Path, capsys: pytest.Captur
         argv += ["--adapter", a]
     (tmp_path / "outs").mkdir()
     assert_bad(capsys, tmp_path / "outs" / "merged", *argv, *options, words=words)
+
+
+def test_tied_output_head(gpt2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """GPT-2 ties lm_head to wte and stores only wte: an lm_head adapter gets an explanation."""
+    adapter = write_adapter(tmp_path / "a", {"r": 4, "lora_alpha": 8, "target_modules": ["lm_head"]},
+                            lora_pair("lm_head", 4, 64, VOCAB, 1))
+    (tmp_path / "outs").mkdir()
+    assert_bad(capsys, tmp_path / "outs" / "merged", gpt2, "--adapter", adapter,
+               words=("lm_head.weight", "tie_word_embeddings", "Untie the base"))
+
+
+def test_half_precision_adapter(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bfloat16 adapter on a float32 base: PEFT loads the factors into float32 LoRA layers, as we
+    read them, so the merged weights are identical."""
+    folder = make_adapter(llama, tmp_path / "a", seed=3, target_modules=["q_proj", "up_proj"], use_dora=True)
+    path = folder / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
+    ref = peft_reference(llama, [folder])
+    for name, tensor in tensors_of(merge(capsys, llama, [folder], tmp_path / "merged")).items():
+        assert torch.equal(tensor, ref.state[name]), name
 
 
 def test_nan_in_merged_result_leaves_no_output(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

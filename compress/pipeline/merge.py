@@ -139,6 +139,17 @@ def _shape_problem(entry: LoraModule, shape: tuple[int, ...]) -> str | None:
     return text
 
 
+def _missing_hint(base: CheckpointReader, name: str) -> tuple[str, str]:
+    """(extra words, fix) for a tensor the base lacks: a tied output head gets its own explanation."""
+    module = name.rsplit(".", 1)[0]
+    if module.rsplit(".", 1)[-1] == "lm_head" and (base.config or {}).get("tie_word_embeddings", True):
+        return ("; the base ties lm_head to its input embeddings (tie_word_embeddings) and stores only those, so "
+                "changing lm_head would change the embeddings too",
+                "Untie the base first (set tie_word_embeddings=false, give lm_head its own copy of the weight, "
+                "save_pretrained) and merge into that.")
+    return "", "The adapter was trained on a different base model; give the base it was trained on."
+
+
 def plan_merge(base: CheckpointReader, adapters: list[LoraAdapter], options: MergeOptions) -> MergePlan:
     """Match every adapter's modules and full tensors against the base's tensors.
 
@@ -178,9 +189,9 @@ def plan_merge(base: CheckpointReader, adapters: list[LoraAdapter], options: Mer
         missing = [m for m in adapter.modules.values() if m.weight_name not in by_name]
         if missing:
             more = f" ({len(missing)} of its {len(adapter.modules)} modules are missing)" if len(missing) > 1 else ""
+            hint, fix = _missing_hint(base, missing[0].weight_name)
             raise InputError(f"adapter {adapter.name} adapts module '{missing[0].module}' but the base has no tensor "
-                             f"'{missing[0].weight_name}'{more}", where=base_label,
-                             fix="The adapter was trained on a different base model; give the base it was trained on.")
+                             f"'{missing[0].weight_name}'{more}{hint}", where=base_label, fix=fix)
         for entry in adapter.modules.values():
             info = by_name[entry.weight_name]
             problem = _shape_problem(entry, info.shape)
@@ -208,10 +219,9 @@ def plan_merge(base: CheckpointReader, adapters: list[LoraAdapter], options: Mer
         for name, tensor in adapter.replacements.items():
             info = by_name.get(name)
             if info is None:
+                hint, fix = _missing_hint(base, name)
                 raise InputError(f"adapter {adapter.name} carries a full tensor for '{name}' (modules_to_save or a "
-                                 "trained bias) but the base has no such tensor", where=base_label,
-                                 fix="The adapter was trained on a different base model; give the base it was "
-                                     "trained on.")
+                                 f"trained bias) but the base has no such tensor{hint}", where=base_label, fix=fix)
             if tuple(tensor.shape) != info.shape:
                 hint = (" (the vocabulary was resized: resize the base's embeddings first)"
                         if len(info.shape) == 2 and tensor.shape[1:] == info.shape[1:] else "")
