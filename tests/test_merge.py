@@ -206,6 +206,9 @@ FEATURES: dict[str, tuple[str, dict[str, Any]]] = {
                                      "use_dora": True}),
     "modules_to_save_gpt2": ("gpt2", {"target_modules": ["c_attn"], "fan_in_fan_out": True,
                                       "modules_to_save": ["ln_f"]}),
+    "bias_all_and_lora_bias": ("gpt2", {"target_modules": ["c_attn"], "fan_in_fan_out": True, "bias": "all",
+                                        "lora_bias": True}),
+    "embedding_tied": ("gpt2", {"target_modules": ["wte", "c_fc"], "fan_in_fan_out": True}),
 }
 
 
@@ -226,9 +229,14 @@ def test_single_adapter_matches_peft_merge_and_unload(feature: str, llama: Path,
         assert torch.equal(tensor, ref.state[name]), (name, (tensor - ref.state[name]).abs().max().item())
     merged_logits = logits(load_lm(out))
     assert torch.equal(merged_logits, ref.merged_logits)
-    torch.testing.assert_close(merged_logits, ref.unmerged_logits, rtol=0, atol=2e-5)
-    # the report names every changed tensor, with PEFT's kinds, and measures the change
     report = json.loads((out / "report.json").read_text())
+    if feature == "embedding_tied":
+        # GPT-2 ties lm_head to wte: merging changes both, the unmerged adapter only the input side
+        assert not torch.allclose(merged_logits, ref.unmerged_logits, rtol=0, atol=2e-5)
+        assert any("tie_word_embeddings" in n for n in report["notes"])
+    else:
+        torch.testing.assert_close(merged_logits, ref.unmerged_logits, rtol=0, atol=2e-5)
+    # the report names every changed tensor, with PEFT's kinds, and measures the change
     rows = {r["tensor"]: r for r in report["tensors"]}
     # (GPT-2's biases start at zero: their relative change is inf, written as "inf" in JSON)
     assert sorted(n for n in rows if float(rows[n]["delta_rel_to_base"]) > 0) == sorted(changed)

@@ -241,6 +241,12 @@ def plan_merge(base: CheckpointReader, adapters: list[LoraAdapter], options: Mer
                      "enters the combination through the change it makes, m/||W+dW||*(W+dW) - W")
     if any(w != 1.0 for w in weights) and any(c.kind == "dora" for t in ordered.values() for c in t.contributions):
         notes.append("a weight other than 1 scales a DoRA adapter's realised change m/||W+dW||*(W+dW) - W")
+    tied = [n for n, t in ordered.items() if any(adapters[c.adapter].modules[c.module].kind == "embedding"
+                                                 for c in t.contributions if c.kind in ("embedding", "dora"))]
+    if tied and (base.config or {}).get("tie_word_embeddings", False):
+        notes.append(f"the base ties its output head to '{tied[0]}' (tie_word_embeddings): the merged embedding LoRA "
+                     "changes the output head too, which the unmerged adapter does not (PEFT's merge_and_unload does "
+                     "the same)")
     base_names = {_base_name(str(base.path)), _base_name((base.config or {}).get("_name_or_path"))} - {None}
     if distinct and distinct[0] not in base_names:
         recorded_name = next(a.config.base_model_name_or_path for a in adapters if a.config.base_model_name_or_path)
