@@ -35,6 +35,7 @@ from compress.formats.writer import (
 )
 from compress.merge.adapter import QALORA_POOLING
 from compress.merge.combine import COMBINE_METHODS
+from compress.merge.requant import STRATEGIES
 from compress.pipeline.gguf_run import check_gguf_output, plan_gguf, quantize_to_gguf, sidecar_paths, write_text_atomic
 from compress.pipeline.plan import Plan, make_plan
 from compress.pipeline.report import human_bytes, parse_size
@@ -130,7 +131,7 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
                                     "and quantized again, so errors are measured against the dequantized input")
             write_sidecar_files(tmp, plan, reader, report)
             _write_provenance(tmp, "quantize", model, out, started, torch_device,
-                              {"method": method, "parameters": config_to_dict(config), "format": fmt.name,
+                              {"method": method, "parameters": config_to_dict(plan.config), "format": fmt.name,
                                "include": include, "exclude": exclude, "shard_size": shard_bytes})
     _show_result(out, report, report.bytes_after, as_json=as_json, quiet=quiet)
 
@@ -640,16 +641,33 @@ def _eval_markdown(result: dict[str, Any]) -> str:
                    "in/g), mean (QA-LoRA reference code), sum (QA-LoRA paper).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path),
               help="Output checkpoint folder (required unless --dry-run).")
-@click.option("--quantize", "quantize_method", type=click.Choice(["none"]), default="none", show_default=True,
-              help="Quantize the merged model: none writes a float checkpoint in the base's dtype.")
+@click.option("--quantize", "quantize_method", type=click.Choice(["none", *METHODS]), default="none",
+              show_default=True, help="Quantize the merged model (none: a float checkpoint in the base's dtype). "
+              f"{METHOD_HELP}")
+@click.option("--format", "format_name", type=click.Choice(list(FORMATS)), default=None,
+              help="Output layout with --quantize (default: the method's natural one; native keeps folded "
+                   "QA-LoRA updates exact).")
+@click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto", show_default=True,
+              help="How updates enter quantized weights: fold (QA-LoRA: into float offsets, exact), fold-requant, "
+                   "refit, requantize (dequantize, add, quantize), float (quantize float base + update); auto: "
+                   "each tensor by the one closest to the ideal.")
+@click.option("--float-base", "float_base_path", type=click.Path(path_type=Path), default=None,
+              help="The float checkpoint a quantized BASE was made from (enables the 'float' strategy).")
+@click.option("--block-size", type=int, default=64, show_default=True, help="nf4/fp4: elements per absmax block.")
+@click.option("--double-quant/--no-double-quant", default=False, show_default=True,
+              help="nf4/fp4: quantize the absmax values to 8 bits too.")
+@click.option("--group-size", type=int, default=None,
+              help="int4: input channels per group (default: the quantized base's, else 128).")
+@click.option("--sym/--asym", "symmetric", default=False, show_default=True, help="int4: symmetric or asymmetric.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the math runs (auto: CUDA when available).")
 @click.option("--dry-run", is_flag=True, help="Print which tensors each adapter changes; write nothing.")
 @common_output_options
 def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float, ...], combine_name: str,
           density: float | None, rank: int | None, seed: int, qalora_pooling: str, out: Path | None,
-          quantize_method: str, device: str, dry_run: bool, force: bool, quiet: bool, as_json: bool,
-          shard_size: str) -> None:
+          quantize_method: str, format_name: str | None, strategy: str, float_base_path: Path | None,
+          block_size: int, double_quant: bool, group_size: int | None, symmetric: bool, device: str, dry_run: bool,
+          force: bool, quiet: bool, as_json: bool, shard_size: str) -> None:
     """Merge LoRA adapters into BASE (a float checkpoint, or a compress NF4/INT4 output, dequantized first)."""
     from compress.merge import read_adapter
     from compress.merge.combine import make_combine, method_options
@@ -671,7 +689,18 @@ def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float
     torch_device = resolve_device(device)
     if out is None and not dry_run:
         raise OptionError("missing output folder", fix="Pass -o OUT (or --dry-run to only see the plan).")
-    if out is not None and not dry_run:
+    fmt = None
+    if quantize_method != "none":
+        fmt = FORMATS[format_name or METHODS[quantize_method].default_format]
+        if quantize_method not in fmt.methods:
+            raise OptionError(f"--format {fmt.name} cannot hold --quantize {quantize_method}",
+                              fix=f"Pairs that work: {_pairs()}.")
+        if fmt.container == "file" and out is not None and not dry_run:
+            check_gguf_output(out, force=force, inputs=[base_path, *adapter_paths])
+    elif format_name is not None or float_base_path is not None or strategy != "auto":
+        raise OptionError("--format, --strategy and --float-base apply only with --quantize",
+                          fix="Add --quantize nf4|int4|... or drop those options.")
+    if out is not None and not dry_run and (fmt is None or fmt.container == "folder"):
         check_output_path(out, force=force, inputs=[base_path, *adapter_paths])
     adapters = [read_adapter(p) for p in adapter_paths]
     with open_model(base_path) as base:
@@ -684,6 +713,16 @@ def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float
             plan.notes.append(f"the base was quantized ({base.format.name}); the adapters were merged into its "
                               "dequantized weights")
         merged = MergedReader(base, plan, device=torch_device)
+        if fmt is not None:
+            _merge_quantized(merged, base, fmt, quantize_method, out, started=started, base_path=base_path,
+                             adapter_paths=adapter_paths, float_base_path=float_base_path, strategy=strategy,
+                             block_size=block_size, double_quant=double_quant, group_size=group_size,
+                             symmetric=symmetric, device=torch_device, shard_bytes=shard_bytes, force=force,
+                             quiet=quiet, as_json=as_json,
+                             provenance={"adapters": [str(p.resolve()) for p in adapter_paths],
+                                         "weights": list(plan.weights), "combine": method.to_dict(),
+                                         "qalora_pooling": qalora_pooling, "quantize": quantize_method})
+            return
         total = sum(i.nbytes for i in plan.infos)
         with atomic_output_dir(out, force=force) as tmp:
             report = _with_progress("merge", total, quiet or as_json,
@@ -694,6 +733,97 @@ def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float
                                "combine": method.to_dict(), "qalora_pooling": qalora_pooling,
                                "quantize": quantize_method, "shard_size": shard_bytes})
     _show_result(out, report, report.bytes_written, as_json=as_json, quiet=quiet)
+
+
+def _merge_quantized(merged: Any, base: Any, fmt: Any, method: str, out: Path, *, started: float, base_path: Path,
+                     adapter_paths: tuple[Path, ...], float_base_path: Path | None, strategy: str, block_size: int,
+                     double_quant: bool, group_size: int | None, symmetric: bool, device: torch.device,
+                     shard_bytes: int, force: bool, quiet: bool, as_json: bool, provenance: dict[str, Any]) -> None:
+    """`merge --quantize`: the merged weights in a quantized layout (folder) or a GGUF file."""
+    from compress.pipeline.merge_quant import execute_merge_quantized
+
+    total = sum(i.nbytes for i in merged.infos())
+    if fmt.container == "file":
+        if float_base_path is not None or strategy != "auto":
+            raise OptionError("--strategy and --float-base do not apply to --format gguf (the merged float weights "
+                              "are quantized once)", fix="Drop them, or use a folder format such as native.")
+        report = _with_progress(f"merge + {method} (gguf)", total, quiet or as_json,
+                                lambda progress: quantize_to_gguf(merged, out, method, force=force, progress=progress))
+        side = sidecar_paths(out)
+        merge_report = merged.report()
+        write_text_atomic(side["report_json"], json.dumps(json_safe(
+            {"merge": merge_report.as_dict(), "quantization": report.as_dict()}), indent=2) + "\n")
+        write_text_atomic(side["report_md"], merge_report.to_markdown() + "\n" + report.to_markdown())
+        _write_provenance(side["provenance"], "merge", base_path, out, started, device,
+                          {**provenance, "format": "gguf", "parameters": report.parameters})
+        _show_result(out, report, report.bytes_after, as_json=as_json, quiet=quiet, report_json=side["report_json"])
+        return
+    base_group = _base_int4_group(base)
+    try:
+        config = make_config(method, block_size=block_size, double_quant=double_quant,
+                             group_size=group_size or base_group or 128, symmetric=symmetric)
+    except ValueError as e:
+        raise OptionError(str(e), fix="See `compress merge --help` for the allowed values.") from e
+    plan = make_plan(merged.infos(), method, config, fmt)
+    if not plan.quantized:
+        raise OptionError("no tensor is selected for quantization", fix="Check the base: it has no Linear weights.")
+    float_base = None
+    if float_base_path is not None:
+        float_base = open_model(float_base_path)
+        if isinstance(float_base, DequantizingReader):
+            float_base.close()
+            raise InputError("--float-base is itself quantized", where=str(float_base_path),
+                             fix="Pass the float checkpoint the base was quantized from.")
+        names = {i.name for i in float_base.infos()}
+        missing = [e.info.name for e in plan.quantized if e.info.name not in names]
+        if missing:
+            float_base.close()
+            raise InputError(f"--float-base has no tensor '{missing[0]}' ({len(missing)} missing)",
+                             where=str(float_base_path), fix="Pass the float checkpoint the base was quantized from.")
+    try:
+        with atomic_output_dir(out, force=force) as tmp:
+            report, requant = _with_progress(
+                f"merge + {describe_config(plan.config)} ({fmt.name})", total, quiet or as_json,
+                lambda progress: execute_merge_quantized(merged, plan, tmp, float_base=float_base, strategy=strategy,
+                                                         device=device, shard_bytes=shard_bytes, progress=progress))
+            write_sidecar_files(tmp, plan, merged, report)
+            merge_report = merged.report()
+            merge_report.notes += requant.notes
+            write_json(tmp / "report.json", json_safe({"merge": merge_report.as_dict(),
+                                                       "requantization": requant.as_dict(),
+                                                       "quantization": report.as_dict()}))
+            (tmp / "report.md").write_text(merge_report.to_markdown() + "\n" + requant.to_markdown() + "\n"
+                                           + report.to_markdown(), encoding="utf-8")
+            _write_provenance(tmp, "merge", base_path, out, started, device,
+                              {**provenance, "format": fmt.name, "parameters": config_to_dict(plan.config),
+                               "strategy": strategy, "float_base": str(float_base_path.resolve()) if float_base_path
+                               else None, "shard_size": shard_bytes})
+    finally:
+        if float_base is not None:
+            float_base.close()
+    if as_json:
+        click.echo(json.dumps(json.loads((out / "report.json").read_text()), indent=2))
+        return
+    if not quiet:
+        t = requant.totals()
+        used = ", ".join(f"{k} {v}" for k, v in t["strategies_used"].items())
+        out_console.print(f"merged {t['tensors']} tensors ({used}); mean error against the ideal "
+                          f"{t['mean_rel_error']:.4g}, update lost "
+                          f"{t['mean_update_lost']:.3f} on average, {t['tensors_mostly_lost']} tensors mostly lost")
+        for note in requant.notes:
+            out_console.print(f"[yellow]note:[/] {note}")
+        out_console.print(f"wrote {out} ({human_bytes(report.bytes_after)}); report: {out / 'report.md'}")
+
+
+def _base_int4_group(base: Any) -> int | None:
+    """The INT4 group size of a quantized base (so merged weights keep it and folds stay possible)."""
+    if not isinstance(base, DequantizingReader):
+        return None
+    for info in base.infos():
+        if base.is_quantized(info.name):
+            size = getattr(base.quantized(info.name), "group_size", None)  # NF4 has blocks, not groups
+            return size if isinstance(size, int) else None
+    return None
 
 
 def _show_merge_plan(plan: Any, as_json: bool) -> None:

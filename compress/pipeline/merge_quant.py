@@ -1,0 +1,285 @@
+"""`compress merge --quantize`: merged weights written in a quantized layout, by the best strategy per tensor.
+
+The quantize plan (``make_plan`` on the merged reader's tensors) decides which tensors are quantized
+and how they are packed; for each of them this module decides *how* the merged weight is obtained
+(:mod:`compress.merge.requant`):
+
+- tensors no adapter touches are passed through from a quantized base when the base already holds
+  them in the output's method and parameters (no second rounding), else quantized from the float
+  base, else from the dequantized base;
+- merged tensors are produced by every applicable strategy and the one closest to the *ideal* is
+  kept (``--strategy auto``), or by the strategy the user names. The ideal is what the adapter was
+  trained against, plus the update: for an update that is constant inside the output's INT4 groups
+  (QA-LoRA) the quantized base plus the update (a float base is quantized first, so the update can
+  be folded exactly); otherwise the float base plus the update when a float base is available; else
+  the dequantized quantized base plus the update.
+
+Per merged tensor the report gives the strategy, every strategy's error, the relative error against
+the ideal, the cosine between the update actually realised (dequant(merged) - dequant(quantized
+base)) and the intended one, the fraction of the update lost, and the update's size against the
+quantization step -- an update well under half a step is mostly lost to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import OptionError
+from compress.formats.base import dtype_name
+from compress.formats.checkpoint import CheckpointReader
+from compress.formats.quantized import DequantizingReader
+from compress.formats.writer import ShardedWriter
+from compress.merge.requant import STRATEGIES, MergeOutcome, as_affine, best_merge, is_group_constant, to_integer_zeros
+from compress.metrics import compare, frobenius_norm
+from compress.pipeline.merge import MergedReader
+from compress.pipeline.plan import Plan
+from compress.pipeline.report import KeptRow, QuantizeReport, TensorRow
+from compress.quant import METHODS, config_to_dict
+from compress.quant.base import QuantizedTensor
+from compress.quant.int4 import AffineInt4Tensor, Int4Config, Int4Tensor
+from compress.quant.nf4 import NF4Config, NF4Tensor
+
+Progress = Callable[[str, int], None]
+
+# What each folder layout stores per group besides the scale (for folding updates into it).
+OFFSETS_BY_FORMAT = {"native": "float", "gptq": "integer", "compressed-tensors": "integer", "bnb": "none"}
+MOSTLY_LOST = 0.5  # an update of which more than half (in norm) did not reach the merged weight
+
+
+@dataclass
+class RequantRow:
+    """How one merged tensor was quantized, and what reached the weights."""
+
+    tensor: str
+    strategy: str
+    ideal: str  # "float base + update" | "quantized base + update"
+    rel_error: float  # ||W' - ideal|| / ||ideal||
+    tried: dict[str, float]  # strategy -> relative error against the ideal
+    update_rel: float  # ||dW|| / ||ideal||
+    realised_cosine: float  # cos(dequant(W') - dequant(quantized base), dW)
+    update_lost: float  # ||realised - dW|| / ||dW||
+    update_over_step: float  # rms(dW) / mean quantization step
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "strategy": self.strategy, "ideal": self.ideal, "rel_error": self.rel_error,
+                "strategies_tried": self.tried, "update_rel": self.update_rel,
+                "realised_cosine": self.realised_cosine, "update_lost": self.update_lost,
+                "update_over_step": self.update_over_step}
+
+
+@dataclass
+class RequantReport:
+    strategy: str
+    rows: list[RequantRow] = field(default_factory=list)
+    passed_through: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def totals(self) -> dict[str, Any]:
+        rows = self.rows
+        used: dict[str, int] = {}
+        for r in rows:
+            used[r.strategy] = used.get(r.strategy, 0) + 1
+        lost = [r for r in rows if r.update_lost > MOSTLY_LOST]
+        worst = max(rows, key=lambda r: (r.update_lost, r.tensor), default=None)
+        return {"tensors": len(rows), "strategies_used": used, "passed_through_unchanged": self.passed_through,
+                "mean_rel_error": sum(r.rel_error for r in rows) / len(rows) if rows else 0.0,
+                "max_rel_error": max((r.rel_error for r in rows), default=0.0),
+                "mean_update_lost": sum(r.update_lost for r in rows) / len(rows) if rows else 0.0,
+                "min_realised_cosine": min((r.realised_cosine for r in rows), default=1.0),
+                "tensors_mostly_lost": len(lost),
+                "worst_tensor": worst.tensor if worst else None}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "totals": self.totals(), "notes": self.notes,
+                "tensors": [r.as_dict() for r in sorted(self.rows, key=lambda r: (-r.update_lost, r.tensor))]}
+
+    def to_markdown(self, limit: int = 40) -> str:
+        t = self.totals()
+        used = ", ".join(f"{k} {v}" for k, v in t["strategies_used"].items()) or "-"
+        lines = ["## Quantized merge", "",
+                 f"Strategy: `{self.strategy}` (used: {used}; {t['passed_through_unchanged']} untouched tensors "
+                 "passed through without re-rounding).", "",
+                 f"- mean / max relative error against the ideal: {t['mean_rel_error']:.4g} / {t['max_rel_error']:.4g}",
+                 f"- mean fraction of the update lost: {t['mean_update_lost']:.3f}; lowest cosine between realised "
+                 f"and intended update: {t['min_realised_cosine']:.4f}",
+                 f"- tensors whose update was mostly lost to rounding (> {MOSTLY_LOST:.0%} of its norm): "
+                 f"**{t['tensors_mostly_lost']}** of {t['tensors']}", ""]
+        lines += [f"- note: {n}" for n in self.notes]
+        lines += ["", "| tensor | strategy | ideal | rel. error | update / weight | update / step | realised cos | "
+                  "update lost |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(self.rows, key=lambda r: (-r.update_lost, r.tensor))[:limit]:
+            lines.append(f"| `{r.tensor}` | {r.strategy} | {r.ideal} | {r.rel_error:.4g} | {r.update_rel:.3g} | "
+                         f"{r.update_over_step:.3g} | {r.realised_cosine:.4f} | {r.update_lost:.3f} |")
+        return "\n".join(lines) + "\n"
+
+
+def _mean_step(qt: QuantizedTensor) -> float:
+    """The average distance between neighbouring levels of ``qt``."""
+    if isinstance(qt, Int4Tensor | AffineInt4Tensor):
+        return float(qt.scales.mean())
+    if isinstance(qt, NF4Tensor):
+        return float(qt.absmax_float().mean()) * 2 / 15  # NF4 levels span [-absmax, absmax] in 15 gaps
+    return float("nan")
+
+
+def _compatible_int4(qt: QuantizedTensor | None, config: Any) -> bool:
+    return (isinstance(qt, Int4Tensor | AffineInt4Tensor) and isinstance(config, Int4Config)
+            and qt.group_size == config.group_size and qt.scale_dtype == config.scale_dtype)
+
+
+def _pass_through(base_q: QuantizedTensor | None, config: Any, offsets: str) -> QuantizedTensor | None:
+    """The base's quantized tensor itself, when the output can hold it exactly; else None."""
+    if base_q is None:
+        return None
+    if isinstance(config, NF4Config) and isinstance(base_q, NF4Tensor):
+        same = (base_q.block_size == config.block_size and base_q.quant_type == config.quant_type
+                and base_q.double_quant == config.double_quant)
+        return base_q if same else None
+    if not _compatible_int4(base_q, config):
+        return None
+    if offsets == "float":
+        return as_affine(base_q)
+    if isinstance(base_q, Int4Tensor) and base_q.symmetric == config.symmetric:
+        return base_q
+    converted = to_integer_zeros(as_affine(base_q), symmetric=config.symmetric)
+    exact = torch.equal(converted.dequantize(torch.float32), base_q.dequantize(torch.float32))
+    return converted if exact and not config.symmetric else None
+
+
+def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, float_base: CheckpointReader | None,
+                            strategy: str, device: torch.device, shard_bytes: int,
+                            progress: Progress | None = None) -> tuple[QuantizeReport, RequantReport]:
+    """Write the merged model in ``plan``'s quantized layout into ``out_dir`` (weights only)."""
+    if strategy != "auto" and strategy not in STRATEGIES:
+        raise OptionError(f"unknown strategy {strategy!r}", fix=f"Use auto or one of {', '.join(STRATEGIES)}.")
+    method = METHODS[plan.method]
+    config = plan.config
+    offsets = OFFSETS_BY_FORMAT.get(plan.format.name, "none")
+    if offsets == "integer" and getattr(config, "symmetric", False):
+        offsets = "none"  # symmetric layouts fix the zero point at 8
+    base = merged.base
+    base_quantized = isinstance(base, DequantizingReader)
+    fmt = plan.format
+    report = QuantizeReport(method=plan.method, parameters=config_to_dict(config), format=fmt.name,
+                            bytes_before=plan.input_bytes, bytes_after=plan.output_bytes)
+    requant = RequantReport(strategy=strategy)
+    candidates = STRATEGIES if strategy == "auto" else (strategy,)
+    fallbacks = 0
+
+    def quantize(x: torch.Tensor) -> QuantizedTensor:
+        return method.quantize(x, config)
+
+    writer = ShardedWriter(out_dir, plan.output_specs(), shard_bytes)
+    try:
+        for entry in plan.entries:
+            info = entry.info
+            name = info.name
+            if not entry.quantize:
+                writer.write(name, merged.get(name))
+                report.kept.append(KeptRow(name, info.shape, dtype_name(info.dtype), entry.reason))
+                if progress:
+                    progress(name, info.nbytes)
+                continue
+            base_q = base.quantized(name) if base_quantized and base.is_quantized(name) else None
+            float_W = None
+            if float_base is not None:
+                float_W = float_base.get(name).to(device).float()
+                if tuple(float_W.shape) != tuple(info.shape):
+                    raise OptionError(f"--float-base tensor '{name}' has shape {list(float_W.shape)}, the base has "
+                                      f"{list(info.shape)}",
+                                      fix="Pass the float checkpoint the base was quantized from.")
+            if not merged.is_merged(name):
+                qt = _pass_through(base_q, config, offsets)
+                if qt is not None:
+                    requant.passed_through += 1
+                    reference = base_q.dequantize(torch.float32) if float_W is None else float_W
+                else:
+                    source = float_W if float_W is not None else base.get(name).to(device).float()
+                    qt, reference = quantize(source), source
+                metrics = compare(reference, qt.dequantize(torch.float32))
+            else:
+                mt = merged.merge_tensor(name)
+                dW = mt.delta.float()
+                if not base_quantized:
+                    float_W = mt.W
+                usable_q = base_q if (base_q is None or _compatible_int4(base_q, config)
+                                      or isinstance(base_q, NF4Tensor)) else None
+                qalora = (isinstance(config, Int4Config) and is_group_constant(dW, config.group_size)
+                          and (usable_q is None or isinstance(usable_q, Int4Tensor | AffineInt4Tensor)))
+                if qalora and usable_q is None and float_W is not None:
+                    usable_q = quantize(float_W)  # QA-LoRA on a float base: quantize the base, then fold
+                    if isinstance(usable_q, Int4Tensor) and offsets == "integer":
+                        usable_q = Int4Tensor(**{**vars(usable_q), "symmetric": False})
+                if qalora and usable_q is not None:
+                    deq_base = usable_q.dequantize(torch.float32)
+                    ideal, ideal_kind = deq_base + dW, "quantized base + update"
+                elif float_W is not None:
+                    ideal, ideal_kind = float_W + dW, "float base + update"
+                    deq_base = (usable_q.dequantize(torch.float32) if usable_q is not None
+                                else quantize(float_W).dequantize(torch.float32))
+                else:
+                    deq_base = mt.W
+                    ideal, ideal_kind = mt.W + dW, "quantized base + update"
+                fold_base = usable_q if isinstance(usable_q, Int4Tensor | AffineInt4Tensor) else None
+                deq_quantized = mt.W if base_quantized else (deq_base if fold_base is not None else None)
+                outcome = _merge_one(dW, ideal, fold_base, float_W, deq_quantized, quantize, offsets, candidates)
+                if outcome is None:  # the named strategy does not apply here: fall back to auto
+                    fallbacks += 1
+                    outcome = _merge_one(dW, ideal, fold_base, float_W, deq_quantized, quantize, offsets, STRATEGIES)
+                    assert outcome is not None
+                qt, metrics = outcome.tensor, outcome.metrics
+                realised = qt.dequantize(torch.float32) - deq_base
+                d_norm = frobenius_norm(dW)
+                r_norm = frobenius_norm(realised)
+                lost = frobenius_norm(realised - dW) / d_norm if d_norm > 0 else 0.0
+                inner = (r_norm**2 + d_norm**2 - frobenius_norm(realised - dW) ** 2) / 2
+                cosine = inner / (r_norm * d_norm) if r_norm > 0 and d_norm > 0 else (1.0 if d_norm == 0 else 0.0)
+                step = _mean_step(qt)
+                rms = d_norm / math.sqrt(dW.numel()) if dW.numel() else 0.0
+                ideal_norm = frobenius_norm(ideal)
+                requant.rows.append(RequantRow(
+                    tensor=name, strategy=outcome.strategy, ideal=ideal_kind, rel_error=metrics.rel_fro,
+                    tried=outcome.tried, update_rel=d_norm / ideal_norm if ideal_norm > 0 else 0.0,
+                    realised_cosine=max(-1.0, min(1.0, cosine)), update_lost=lost,
+                    update_over_step=rms / step if step > 0 else math.inf))
+                del mt, dW, ideal, deq_base, realised
+            packed = fmt.pack(name, qt.to("cpu"))
+            for spec in entry.outputs:
+                writer.write(spec.name, packed[spec.name])
+            report.quantized.append(TensorRow(name, info.shape, dtype_name(info.dtype), qt.bits_per_weight, metrics,
+                                              note=requant.rows[-1].strategy if merged.is_merged(name) else ""))
+            del qt, packed
+            if progress:
+                progress(name, info.nbytes)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    if fallbacks:
+        requant.notes.append(f"--strategy {strategy} does not apply to {fallbacks} tensors; they used the best "
+                             "applicable strategy instead")
+    if offsets == "integer" and any(r.strategy.startswith(("fold", "refit")) for r in requant.rows):
+        requant.notes.append(f"{fmt.name} stores integer zero points, so folded offsets were rounded to whole "
+                             "steps (see each tensor's error); --format native keeps them exact")
+    lost = requant.totals()["tensors_mostly_lost"]
+    if lost:
+        requant.notes.append(f"{lost} tensors lost most of their update to rounding: the update is small against "
+                             "the quantization step. A QA-LoRA adapter (folded exactly), the float base "
+                             "(--float-base), a smaller group size or 8 bits would keep it")
+    return report, requant
+
+
+def _merge_one(dW: torch.Tensor, ideal: torch.Tensor, base_q: QuantizedTensor | None, float_W: torch.Tensor | None,
+               deq_quantized: torch.Tensor | None, quantize: Callable[[torch.Tensor], QuantizedTensor], offsets: str,
+               candidates: tuple[str, ...]) -> MergeOutcome | None:
+    try:
+        return best_merge(dW, ideal, base_q=base_q, base_float=float_W, quantize=quantize, output_offsets=offsets,
+                          base_dequantized=deq_quantized, strategies=candidates)
+    except ValueError:
+        return None

@@ -1,0 +1,282 @@
+"""`compress merge --quantize`: QA-LoRA folding into float offsets, strategies for plain LoRA, the report.
+
+The QA-LoRA fold must give dequant(quantized base) + dW to float32 precision with codes and scales
+untouched; integer zero points (GPTQ) must lose at most half a step per group and say so; the
+other strategies are checked against their definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_merge import make_adapter, qalora_adapter
+
+from compress.cli import main
+from compress.formats.quantized import open_model
+from compress.merge.requant import (
+    best_merge,
+    expand_groups,
+    fold,
+    fold_requant,
+    group_means,
+    is_group_constant,
+    refit,
+    to_integer_zeros,
+)
+from compress.metrics import compare
+from compress.quant.int4 import Int4Config, quantize_int4
+from compress.quant.nf4 import NF4Config, quantize_nf4
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+QA_MODULES = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    with open_model(folder) as reader:
+        return {i.name: reader.get(i.name).float() for i in reader.infos()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("merge_quantized")
+    base = build_tiny_llama(root / "base", hidden=64, intermediate=128, layers=2, vocab=128)
+    paths = {"base": base, "root": root,
+             "qa": qalora_adapter(root / "qa", 32, 3, lora_alpha=32),  # updates of 0.1-1 step
+             "lora": make_adapter(base, root / "lora", 1, target_modules=["q_proj", "v_proj", "down_proj"])}
+    for name, fmt in (("native", "native"), ("gptq", "gptq")):
+        paths[name] = root / f"base-{name}"
+        assert main(["quantize", str(base), "-o", str(paths[name]), "--method", "int4", "--format", fmt,
+                     "--group-size", "32", "-q"]) == 0
+    return paths
+
+
+# --- the math -----------------------------------------------------------------------------------------
+
+
+def test_fold_is_exact_and_keeps_codes_and_scales() -> None:
+    torch.manual_seed(0)
+    W = torch.randn(64, 96) * 0.02
+    q = quantize_int4(W, Int4Config(group_size=32))
+    dW = expand_groups(torch.randn(64, 3) * 0.01, 96, 32)
+    assert is_group_constant(dW, 32) and not is_group_constant(dW + 1e-3 * torch.randn(64, 96), 32)
+    folded = fold(q, dW)
+    assert torch.equal(folded.codes, q.codes) and torch.equal(folded.scales, q.scales)
+    ideal = q.dequantize(torch.float32) + dW
+    assert compare(ideal, folded.dequantize(torch.float32)).rel_fro < 1e-6
+    with pytest.raises(ValueError, match="not constant"):
+        fold(q, dW + 1e-3 * torch.randn(64, 96))
+
+
+def test_fold_requant_refit_and_integer_zeros() -> None:
+    torch.manual_seed(1)
+    W = torch.randn(128, 128) * 0.02
+    q = quantize_int4(W, Int4Config(group_size=32))
+    deq = q.dequantize(torch.float32)
+    dW = (torch.randn(128, 4) @ torch.randn(4, 128)) * 0.004
+    ideal = deq + dW
+    fr = fold_requant(q, dW)
+    # scales unchanged, offsets moved by the group means, codes by the rounded rest
+    assert torch.equal(fr.scales, q.scales)
+    means = group_means(dW, 32)
+    assert torch.allclose(fr.offsets, q.to_affine().offsets + means)
+    rest = dW - expand_groups(means, 128, 32)
+    expected = (q.codes.float() + torch.round(rest / expand_groups(q.scales, 128, 32))).clamp(0, 15)
+    assert torch.equal(fr.codes, expected.to(torch.uint8))
+    err_fr = compare(ideal, fr.dequantize(torch.float32)).rel_fro
+    err_refit = compare(ideal, refit(q, dW, ideal).dequantize(torch.float32)).rel_fro
+    assert err_refit <= err_fr
+    assert err_fr < compare(ideal, deq).rel_fro  # better than dropping the update
+    # integer offsets convert to zero points exactly
+    exact = to_integer_zeros(q.to_affine())
+    assert torch.equal(exact.dequantize(torch.float32), deq)
+
+
+def test_best_merge_picks_the_smallest_error() -> None:
+    torch.manual_seed(2)
+    W = torch.randn(64, 64) * 0.02
+    cfg = Int4Config(group_size=32)
+    q = quantize_int4(W, cfg)
+    dW = torch.randn(64, 64) * 0.002
+    ideal = W + dW
+
+    def quantize(x: torch.Tensor) -> Any:
+        return quantize_int4(x, cfg)
+
+    out = best_merge(dW, ideal, base_q=q, base_float=W, quantize=quantize, output_offsets="float")
+    assert set(out.tried) == {"fold-requant", "refit", "requantize", "float"}  # fold: dW is not group-constant
+    assert out.tried[out.strategy] == min(out.tried.values())
+    assert out.tried["float"] == pytest.approx(compare(ideal, quantize(W + dW).dequantize()).rel_fro)
+    assert out.tried["requantize"] == pytest.approx(
+        compare(ideal, quantize(q.dequantize() + dW).dequantize()).rel_fro)
+    nf4 = best_merge(dW, ideal, base_q=None, base_float=W, output_offsets="none",
+                     quantize=lambda x: quantize_nf4(x, NF4Config()))
+    assert set(nf4.tried) == {"float"}
+
+
+# --- through the command ------------------------------------------------------------------------------
+
+
+def test_qalora_fold_into_native_is_exact(setup: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Float base + QA-LoRA -> INT4 native: quantize the base, fold the update; and the same from the
+    quantized base (bit-identical files)."""
+    from_float, from_q = tmp_path / "from-float", tmp_path / "from-q"
+    code, err = run(capsys, "merge", setup["base"], "--adapter", setup["qa"], "--quantize", "int4", "--format",
+                    "native", "--group-size", "32", "-o", from_float, "-q")
+    assert code == 0, err
+    code, err = run(capsys, "merge", setup["native"], "--adapter", setup["qa"], "--quantize", "int4", "--format",
+                    "native", "-o", from_q, "-q")
+    assert code == 0, err
+    assert (from_float / "model.safetensors").read_bytes() == (from_q / "model.safetensors").read_bytes()
+    report = json.loads((from_q / "report.json").read_text())["requantization"]
+    assert report["totals"]["strategies_used"] == {"fold": 2}
+    assert report["totals"]["passed_through_unchanged"] == 12
+    assert report["totals"]["max_rel_error"] < 1e-6 and report["totals"]["tensors_mostly_lost"] == 0
+    # codes and scales are the base's; offsets differ by exactly the group update
+    base_t = load_file(str(setup["native"] / "model.safetensors"))
+    out_t = load_file(str(from_q / "model.safetensors"))
+    for key in base_t:
+        if key.endswith((".qcodes", ".qscales")) or not any(key.startswith(m[:-7]) for m in QA_MODULES):
+            assert torch.equal(base_t[key], out_t[key]), key
+    float_merge = tmp_path / "float-merge"  # dequantized base + dW, merged in float by the float path
+    assert run(capsys, "dequantize", setup["native"], "-o", tmp_path / "deq", "-q")[0] == 0
+    assert run(capsys, "merge", tmp_path / "deq", "--adapter", setup["qa"], "-o", float_merge, "-q")[0] == 0
+    ideal, got = weights(float_merge), weights(from_q)
+    for name in ideal:
+        m = compare(ideal[name], got[name])
+        assert m.rel_fro < 1e-6, (name, m)
+    for name in QA_MODULES:  # the update is real, not lost
+        assert compare(ideal[name], weights(tmp_path / "deq")[name]).rel_fro > 1e-3
+
+
+def test_qalora_into_gptq_rounds_offsets_and_says_so(setup: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "gptq"
+    code, err = run(capsys, "merge", setup["gptq"], "--adapter", setup["qa"], "--quantize", "int4", "--strategy",
+                    "fold", "-o", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["requantization"]["totals"]["strategies_used"] == {"fold": 2}
+    notes = " ".join(report["merge"]["notes"])
+    assert "integer zero points" in notes and "--format native" in notes
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    with open_model(setup["gptq"]) as base, open_model(out) as merged:
+        for name in QA_MODULES:
+            b, m = base.quantized(name), merged.quantized(name)
+            assert torch.equal(b.codes, m.codes) and torch.equal(b.scales, m.scales)
+    # every element within half a step (plus float32 noise) of dequant(base) + dW, except in groups
+    # whose zero point hit the end of 0..15 (the clamp)
+    assert run(capsys, "dequantize", setup["gptq"], "-o", tmp_path / "deq", "-q")[0] == 0
+    assert run(capsys, "merge", tmp_path / "deq", "--adapter", setup["qa"], "-o", tmp_path / "ideal", "-q")[0] == 0
+    ideal_w, got = weights(tmp_path / "ideal"), weights(out)
+    with open_model(out) as merged:
+        for name in QA_MODULES:
+            qt = merged.quantized(name)
+            n_in = ideal_w[name].shape[1]
+            step = expand_groups(qt.scales, n_in, 32)
+            inside = expand_groups(((qt.zeros > 0) & (qt.zeros < 15)).float(), n_in, 32).bool()
+            assert inside.float().mean() > 0.6, name
+            within = (got[name] - ideal_w[name]).abs() <= 0.5 * step * (1 + 1e-5) + 1e-7
+            assert bool(within[inside].all()), name
+
+
+def test_nf4_merge_equals_quantizing_the_float_merge(setup: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Float base + LoRA -> NF4: the 'float' strategy is quantize(W + dW), i.e. merge then quantize."""
+    direct, float_merge, two_step = tmp_path / "direct", tmp_path / "float", tmp_path / "two-step"
+    assert run(capsys, "merge", setup["base"], "--adapter", setup["lora"], "--quantize", "nf4", "-o", direct,
+               "-q")[0] == 0
+    assert run(capsys, "merge", setup["base"], "--adapter", setup["lora"], "-o", float_merge, "-q")[0] == 0
+    assert run(capsys, "quantize", float_merge, "--method", "nf4", "-o", two_step, "-q")[0] == 0
+    assert (direct / "model.safetensors").read_bytes() == (two_step / "model.safetensors").read_bytes()
+    assert json.loads((direct / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    rows = json.loads((direct / "report.json").read_text())["requantization"]["tensors"]
+    assert {r["strategy"] for r in rows} == {"float"} and len(rows) == 6
+    for r in rows:
+        assert r["ideal"] == "float base + update"
+        assert 0 < r["update_over_step"] < 100 and -1 <= r["realised_cosine"] <= 1
+
+
+def test_lora_into_quantized_base_strategies(setup: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A quantized base without its float: the best of fold-requant/refit/requantize per tensor; with
+    --float-base, 'float' joins; a named strategy is used as asked; untouched weights pass through."""
+    auto, floated, named = tmp_path / "auto", tmp_path / "float", tmp_path / "named"
+    assert run(capsys, "merge", setup["native"], "--adapter", setup["lora"], "--quantize", "int4", "--format",
+               "native", "-o", auto, "-q")[0] == 0
+    rows = json.loads((auto / "report.json").read_text())["requantization"]["tensors"]
+    for r in rows:
+        assert set(r["strategies_tried"]) == {"fold-requant", "refit", "requantize"}
+        assert r["strategies_tried"][r["strategy"]] == min(r["strategies_tried"].values())
+        assert r["ideal"] == "quantized base + update"
+    base_t = load_file(str(setup["native"] / "model.safetensors"))
+    out_t = load_file(str(auto / "model.safetensors"))
+    untouched = [k for k in base_t if "k_proj" in k or "o_proj" in k or "gate_proj" in k]
+    assert untouched and all(torch.equal(base_t[k], out_t[k]) for k in untouched)
+    assert run(capsys, "merge", setup["native"], "--adapter", setup["lora"], "--quantize", "int4", "--format",
+               "native", "--float-base", setup["base"], "-o", floated, "-q")[0] == 0
+    rows = json.loads((floated / "report.json").read_text())["requantization"]["tensors"]
+    assert all("float" in r["strategies_tried"] and r["ideal"] == "float base + update" for r in rows)
+    assert run(capsys, "merge", setup["native"], "--adapter", setup["lora"], "--quantize", "int4", "--format",
+               "native", "--strategy", "fold-requant", "-o", named, "-q")[0] == 0
+    rows = json.loads((named / "report.json").read_text())["requantization"]["tensors"]
+    assert {r["strategy"] for r in rows} == {"fold-requant"}
+    assert run(capsys, "merge", setup["native"], "--adapter", setup["lora"], "--quantize", "int4", "--format",
+               "native", "--strategy", "fold", "-o", tmp_path / "fallback", "-q")[0] == 0
+    notes = " ".join(json.loads((tmp_path / "fallback" / "report.json").read_text())["merge"]["notes"])
+    assert "--strategy fold does not apply" in notes
+
+
+def test_merge_to_gguf(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.gguf"
+    # the tiny model has no tokenizer: a clear error, nothing written
+    code, err = run(capsys, "merge", setup["base"], "--adapter", setup["lora"], "--quantize", "q8_0", "-o", out)
+    assert code == 2 and "tokenizer" in err and not out.exists()
+    assert not [p for p in tmp_path.iterdir()]
+
+
+@pytest.mark.parametrize("case", ["format-pair", "strategy-without-quantize", "float-base-quantized",
+                                  "float-base-mismatch"])
+def test_bad_input(case: str, setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    args: list[Any] = ["merge", setup["native"], "--adapter", setup["lora"], "-o", out]
+    words: tuple[str, ...]
+    if case == "format-pair":
+        args += ["--quantize", "int4", "--format", "bnb"]
+        words = ("cannot hold", "int4+gptq")
+    elif case == "strategy-without-quantize":
+        args += ["--strategy", "refit"]
+        words = ("only with --quantize",)
+    elif case == "float-base-quantized":
+        args += ["--quantize", "int4", "--float-base", setup["gptq"]]
+        words = ("--float-base is itself quantized",)
+    else:
+        other = build_tiny_llama(tmp_path / "other", hidden=32, intermediate=64, layers=1, vocab=128)
+        args += ["--quantize", "int4", "--float-base", other]
+        words = ("--float-base",)
+    code, err = run(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and all(w in err for w in words), err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["other"])
+
+
+def test_stored_layout_of_a_fold(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    assert run(capsys, "merge", setup["native"], "--adapter", setup["qa"], "--quantize", "int4", "--format",
+               "native", "-o", out, "-q")[0] == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.qoffsets").dtype == torch.float32
