@@ -747,10 +747,19 @@ def _merge_quantized(merged: Any, base: Any, fmt: Any, method: str, out: Path, *
         if float_base_path is not None or strategy != "auto":
             raise OptionError("--strategy and --float-base do not apply to --format gguf (the merged float weights "
                               "are quantized once)", fix="Drop them, or use a folder format such as native.")
+        from compress.pipeline.merge_quant import q4_1_fold_hook
+
+        folded: list[str] = []
+        hook = q4_1_fold_hook(merged, folded) if method == "q4_1" else None
         report = _with_progress(f"merge + {method} (gguf)", total, quiet or as_json,
-                                lambda progress: quantize_to_gguf(merged, out, method, force=force, progress=progress))
+                                lambda progress: quantize_to_gguf(merged, out, method, force=force, progress=progress,
+                                                                  quantized=hook))
         side = sidecar_paths(out)
         merge_report = merged.report()
+        if folded:
+            merge_report.notes.append(f"{len(folded)} QA-LoRA updates were folded into the Q4_1 block minimums "
+                                      "(codes and scales of Q4_1(base) unchanged; the minimums are float16, so "
+                                      "each rounds to 11 significant bits); errors are against Q4_1(base) + update")
         write_text_atomic(side["report_json"], json.dumps(json_safe(
             {"merge": merge_report.as_dict(), "quantization": report.as_dict()}), indent=2) + "\n")
         write_text_atomic(side["report_md"], merge_report.to_markdown() + "\n" + report.to_markdown())

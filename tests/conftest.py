@@ -58,3 +58,18 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama_bf16"), dtype=torch.bfloat16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tok(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's vocabulary and tokenizer files, so that
+    tools needing a complete model (GGUF export) can run on it."""
+    from compress.formats.checkpoint import open_checkpoint
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny_tok"), hidden=64, intermediate=128, vocab=49152)
+    with open_checkpoint(smollm2_gguf) as reader:
+        for name, source in reader.extra_files().items():
+            if name.startswith("tokenizer"):
+                (folder / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
+    assert (folder / "tokenizer.json").is_file()
+    return folder

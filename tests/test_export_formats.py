@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_llama
 from safetensors import safe_open
 
 from compress.cli import main
@@ -30,15 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
-def tiny_tok(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's vocabulary and tokenizer files."""
-    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny_tok"), hidden=64, intermediate=128, vocab=49152)
-    with open_checkpoint(smollm2_gguf) as reader:
-        for name, source in reader.extra_files().items():
-            if name.startswith("tokenizer"):
-                (folder / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
-    assert (folder / "tokenizer.json").is_file()
-    return folder
+def tiny_tok(tiny_llama_tok: Path) -> Path:
+    return tiny_llama_tok
 
 
 def run(*args: Any) -> int:

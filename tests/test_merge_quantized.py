@@ -241,6 +241,45 @@ def test_lora_into_quantized_base_strategies(setup: dict[str, Path], tmp_path: P
     assert "--strategy fold does not apply" in notes
 
 
+def test_qalora_fold_into_gguf_q4_1(tiny_llama_tok: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Q4_1's per-block minimum is a float16 offset: a QA-LoRA update with groups of 32 goes into it."""
+    import numpy as np
+
+    from compress.formats.checkpoint import open_checkpoint
+    from compress.formats.gguf_reader import permute_qk
+    from compress.quant.ggml import GGMLConfig, quantize_ggml
+
+    qa = qalora_adapter(tmp_path / "qa", 32, 5, lora_alpha=32)
+    folded, plain = tmp_path / "folded.gguf", tmp_path / "plain.gguf"
+    code, err = run(capsys, "merge", tiny_llama_tok, "--adapter", qa, "--quantize", "q4_1", "-o", folded, "-q")
+    assert code == 0, err
+    report = json.loads((tmp_path / "folded.report.json").read_text())
+    assert any("folded into the Q4_1 block minimums" in n for n in report["merge"]["notes"])
+    # the same update merged in float and then quantized to Q4_1 (what happens without the fold)
+    assert run(capsys, "merge", tiny_llama_tok, "--adapter", qa, "-o", tmp_path / "float", "-q")[0] == 0
+    assert run(capsys, "quantize", tmp_path / "float", "--method", "q4_1", "-o", plain, "-q")[0] == 0
+    with open_checkpoint(tiny_llama_tok) as src, open_checkpoint(tmp_path / "float") as fm, \
+            open_checkpoint(folded) as got, open_checkpoint(plain) as requant:
+        for name in QA_MODULES:
+            W, merged = src.get(name).float(), fm.get(name).float()
+            # Q4_1 blocks lie inside rows, so the Q/K row permutation commutes with quantizing
+            ideal = quantize_ggml(W, GGMLConfig("q4_1")).dequantize(torch.float32) + (merged - W)
+            folded_err = compare(ideal, got.get(name)).rel_fro
+            assert folded_err < 1e-3, (name, folded_err)  # float16 minimums: half an ulp is 2^-12 relative
+            # Q4_1 (min/max per block) is nearly translation-equivariant, so re-quantizing base + a constant
+            # per block is close too; the fold is never worse and keeps the base's codes
+            assert folded_err <= compare(ideal, requant.get(name)).rel_fro
+        # stored blocks: d and the 16 code bytes are Q4_1(base)'s; only the minimums (bytes 2-3) moved
+        import gguf
+
+        raw = {t.name: t for t in gguf.GGUFReader(str(folded)).tensors}
+        W = permute_qk(src.get(QA_MODULES[0]).float(), 4)  # q_proj, 4 heads in build_tiny_llama
+        expected = quantize_ggml(W, GGMLConfig("q4_1")).packed().numpy().reshape(-1, 20)
+        stored = np.asarray(raw["blk.0.attn_q.weight"].data).reshape(-1, 20)
+        assert (stored[:, [0, 1, *range(4, 20)]] == expected[:, [0, 1, *range(4, 20)]]).all()
+        assert (stored[:, 2:4] != expected[:, 2:4]).any()
+
+
 def test_merge_to_gguf(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "m.gguf"
     # the tiny model has no tokenizer: a clear error, nothing written

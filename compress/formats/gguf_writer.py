@@ -67,7 +67,7 @@ from compress.errors import InputError, OptionError, OutputError
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
 from compress.formats.gguf_reader import LLAMA_GLOBAL_NAMES, LLAMA_LAYER_NAMES, permute_qk
 from compress.metrics import ErrorMetrics, compare
-from compress.quant.ggml import BLOCK, GGML_TYPES, GGMLConfig, ggml_nbytes, quantize_ggml
+from compress.quant.ggml import BLOCK, GGML_TYPES, GGMLConfig, GGMLTensor, ggml_nbytes, quantize_ggml
 
 logger = logging.getLogger(__name__)
 
@@ -529,7 +529,9 @@ def _check_out_file(out_file: Path, reader: CheckpointReader, force: bool) -> No
 def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], method: str = "q4_0", *,
                 embeddings_type: str | None = None, tokenizer: str = "auto", name: str | None = None,
                 force: bool = False, measure: bool = False,
-                progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[str, int], None] | None = None,
+                quantized: Callable[[PlannedTensor, torch.Tensor], tuple[GGMLTensor, torch.Tensor] | None]
+                | None = None) -> dict[str, Any]:
     """Write ``reader``'s Llama model as a llama.cpp GGUF file; returns a report (see below).
 
     Args:
@@ -545,6 +547,9 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         measure: compute the error of every quantized (or F16-rounded) tensor against its source
             (``metrics`` in its ``tensors`` entry: rel_fro, sqnr_db, max_abs, cosine).
         progress: called with (source name, source bytes) after each tensor is written.
+        quantized: optional hook for Q4_0/Q4_1/Q8_0 tensors: given the planned tensor and its (permuted)
+            float values, return ``(GGMLTensor, reference)`` to store that tensor instead of quantizing the
+            values (the error is then measured against ``reference``), or None for the normal path.
 
     Returns:
         ``{"file", "method", "file_type", "bytes", "tensors": [{"name", "source", "type", "shape",
@@ -649,7 +654,13 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
                                  f"{list(t.shape)}", where=where, fix="The checkpoint is corrupt.")
             if t.permute_heads is not None:
                 w = permute_qk(w, t.permute_heads)
-            data, metrics = _tensor_bytes(w, t, measure)
+            custom = quantized(t, w) if quantized is not None and t.qtype in GGML_TYPES else None
+            if custom is not None:  # the caller made this tensor itself (e.g. an update folded into Q4_1 minimums)
+                q, reference = custom
+                data = q.packed().numpy() if q.scales_finite() else None
+                metrics = compare(reference, q.dequantize(torch.float32)) if measure and data is not None else None
+            else:
+                data, metrics = _tensor_bytes(w, t, measure)
             if metrics is not None:
                 measured[t.name] = metrics
             del w

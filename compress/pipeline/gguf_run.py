@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from compress.errors import OptionError, OutputError
 from compress.formats.checkpoint import CheckpointReader
@@ -62,9 +63,10 @@ def _kept_reason(qtype: str) -> str:
 
 
 def quantize_to_gguf(reader: CheckpointReader, out: Path, method: str, *, force: bool,
-                     progress: Progress | None = None) -> QuantizeReport:
-    """Write ``reader``'s model to ``out`` in ``method`` (q4_0, q4_1, q8_0) and measure every stored tensor."""
-    result = export_gguf(reader, out, method, force=force, measure=True, progress=progress)
+                     progress: Progress | None = None, quantized: Any = None) -> QuantizeReport:
+    """Write ``reader``'s model to ``out`` in ``method`` (q4_0, q4_1, q8_0) and measure every stored tensor.
+    ``quantized``: export_gguf's hook for tensors the caller quantizes itself."""
+    result = export_gguf(reader, out, method, force=force, measure=True, progress=progress, quantized=quantized)
     infos = {i.name: i for i in reader.infos()}
     report = QuantizeReport(method=method, parameters={"method": method, "block_size": 32}, format="gguf",
                             bytes_before=sum(i.nbytes for i in infos.values()), bytes_after=result["bytes"],

@@ -283,3 +283,32 @@ def _merge_one(dW: torch.Tensor, ideal: torch.Tensor, base_q: QuantizedTensor | 
                           base_dequantized=deq_quantized, strategies=candidates)
     except ValueError:
         return None
+
+
+def q4_1_fold_hook(merged: MergedReader, folded: list[str]) -> Callable[[Any, torch.Tensor], Any]:
+    """export_gguf hook for ``merge --quantize q4_1``: a merged weight whose update is constant inside every
+    32-element block (a QA-LoRA adapter with groups of 32 or multiples) is stored as Q4_1(base) with the
+    update added to each block's minimum -- llama.cpp's offset, a float16 -- instead of re-rounding base +
+    update. The error is measured against Q4_1(base) + update; what remains is the float16 rounding of the
+    minimums. Names of folded tensors are appended to ``folded``."""
+    from compress.formats.gguf_reader import permute_qk
+    from compress.quant.ggml import BLOCK, GGMLConfig, quantize_ggml
+
+    def hook(planned: Any, values: torch.Tensor) -> tuple[Any, torch.Tensor] | None:
+        name = planned.source
+        if planned.qtype != "q4_1" or name is None or not merged.is_merged(name):
+            return None
+        mt = merged.merge_tensor(name)
+        W, dW = mt.W.float(), mt.delta.float()
+        if dW.dim() != 2 or not is_group_constant(dW, BLOCK):
+            return None
+        if planned.permute_heads is not None:
+            W, dW = permute_qk(W, planned.permute_heads), permute_qk(dW, planned.permute_heads)
+        q = quantize_ggml(W, GGMLConfig("q4_1"))
+        ideal = q.dequantize(torch.float32) + dW
+        assert q.m is not None
+        q.m = (q.m.float() + dW.reshape(-1, BLOCK)[:, 0]).to(torch.float16)
+        folded.append(name)
+        return q, ideal
+
+    return hook
