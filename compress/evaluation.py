@@ -6,8 +6,9 @@
 - Encoders: mean-pooled sentence embeddings of fixed real sentences, cosine against the first model.
 
 Models are loaded through the real engine loader where one applies and is installed
-(transformers + bitsandbytes for bnb outputs), else rebuilt from their config and filled with the
-float weights ``compress`` reads (dequantized tensor by tensor). The default text is the Python
+(transformers + bitsandbytes for bnb outputs, llama.cpp through llama-cpp-python for ``.gguf``
+files of causal LMs), else rebuilt from their config and filled with the float weights
+``compress`` reads (dequantized tensor by tensor). The default text is the Python
 Language Reference prose that ships with CPython (``pydoc_data/topics.py``), so it works offline.
 """
 
@@ -86,6 +87,39 @@ def _tokenizer_dir(path: Path, keep: list[Any]) -> Path | None:
     return Path(tmp.name)
 
 
+class LlamaCppLM:
+    """A GGUF causal LM run by llama.cpp (llama-cpp-python): ``window_logits(ids)`` gives the float32
+    logits [n, vocab] of a window of token ids evaluated from an empty context (no BOS added), as
+    :func:`perplexity` needs. The context is (re)created as large as the largest window seen."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        self.path = path
+        self.threads = threads or max(1, min(torch.get_num_threads(), 8))
+        self._llm: Any = None
+        self._ctx = 0
+
+    def window_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        import llama_cpp
+
+        n = int(ids.numel())
+        if self._llm is None or n > self._ctx:
+            self.close()
+            self._ctx = max(n, 512)
+            self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self._ctx, n_batch=min(self._ctx, 512),
+                                        logits_all=True, n_threads=self.threads, verbose=False)
+        self._llm.reset()
+        self._llm.eval([int(t) for t in ids.tolist()])
+        return torch.from_numpy(self._llm.scores[:n].copy()).float()
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def load_model(path: Path, *, encoder: bool, device: torch.device, keep: list[Any]) -> LoadedModel:
     """Load any checkpoint compress reads into a transformers model (see module docstring)."""
     transformers = require_transformers()
@@ -94,6 +128,8 @@ def load_model(path: Path, *, encoder: bool, device: torch.device, keep: list[An
         fmt = format_of(raw)
     tok_dir = _tokenizer_dir(path, keep)
     size = _weight_bytes(path)
+    if path.suffix == ".gguf" and not encoder and importlib.util.find_spec("llama_cpp"):
+        return LoadedModel(LlamaCppLM(path), "llama.cpp (llama-cpp-python)", tok_dir, size)
     if fmt is not None and fmt.name == "bnb" and importlib.util.find_spec("bitsandbytes") and path.is_dir():
         model = auto.from_pretrained(path, device_map=str(device))
         return LoadedModel(model.eval(), "transformers + bitsandbytes", tok_dir, size)
@@ -133,13 +169,17 @@ def perplexity(model: Any, ids: torch.Tensor, *, window: int, stride: int,
     n = ids.numel()
     nll, scored = 0.0, 0
     prev_end = 0
-    device = next(model.parameters()).device
+    engine = isinstance(model, LlamaCppLM)
+    device = torch.device("cpu") if engine else next(model.parameters()).device
     for begin in range(0, n - 1, stride):
         end = min(begin + window, n)
         chunk = ids[begin:end].to(device)
         new = end - prev_end  # tokens not scored by an earlier window
-        with torch.no_grad():
-            logits = model(chunk[None]).logits[0].float()
+        if engine:
+            logits = model.window_logits(chunk)
+        else:
+            with torch.no_grad():
+                logits = model(chunk[None]).logits[0].float()
         targets = chunk[1:]
         losses = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="none")
         count = min(new, losses.numel())

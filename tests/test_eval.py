@@ -123,3 +123,19 @@ def test_embedding_cosine_on_real_minilm(tmp_path: Path, capsys) -> None:
     assert rows[2]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)  # the same model again
     assert 0.9 < rows[1]["mean_cosine"] < 0.999  # algorithms.md: NF4 0.975 on 12 sentences
     assert rows[1]["loader"] == "transformers + bitsandbytes"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_gguf_evaluated_in_llama_cpp(tiny_llama_tok: Path, tmp_path: Path, capsys) -> None:
+    """A .gguf is scored by llama.cpp itself; its perplexity agrees with the same weights dequantized by
+    compress (llama.cpp rounds activations to 8 bits for Q8_0 dot products, so not bit for bit)."""
+    gguf_file, float_dir = tmp_path / "m.gguf", tmp_path / "float"
+    assert main(["quantize", str(tiny_llama_tok), "-o", str(gguf_file), "--method", "q8_0", "-q"]) == 0
+    assert main(["dequantize", str(gguf_file), "-o", str(float_dir), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(float_dir), str(gguf_file), "--tokens", "300", "--window", "128", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["models"]
+    assert rows[0]["loader"] == "float weights read by compress"
+    assert rows[1]["loader"] == "llama.cpp (llama-cpp-python)"
+    assert rows[0]["tokens"] == rows[1]["tokens"] == 297  # 3 windows, each scoring all but its first token
+    assert abs(math.log(rows[1]["perplexity"] / rows[0]["perplexity"])) < 0.01
