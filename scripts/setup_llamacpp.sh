@@ -3,7 +3,8 @@
 # source for the CPU. Used by tests/test_llamacpp.py and scripts/check_gguf_llamacpp.py to load our
 # GGUF exports in llama.cpp itself; everything else in the project works without it.
 #
-# PyPI ships llama-cpp-python as source only, so this compiles llama.cpp (a few minutes on 2 cores).
+# PyPI ships llama-cpp-python as source only, so this compiles llama.cpp: 11 min wall on 2 cores shared
+# with other work (10 CPU-minutes, so ~5-6 min on 2 idle cores).
 # The build is portable to any x86-64 machine with AVX2/FMA/F16C/BMI2 (x86-64-v3, Haswell and later):
 # GGML_NATIVE=OFF stops -march=native, which would tie the binary to this CPU's AVX-512.
 # OpenMP is off (ggml's own thread pool instead) so llama.cpp's libgomp and torch's bundled one do not
@@ -37,23 +38,32 @@ export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=O
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "building llama-cpp-python $VERSION from source ($CMAKE_BUILD_PARALLEL_LEVEL jobs, load: $load_before)"
+if "$PY" -m pip cache list "llama_cpp_python-$VERSION-*" 2>/dev/null | grep -q "llama_cpp_python-$VERSION-"; then
+    how="cached wheel"  # built earlier on this machine
+    echo "installing llama-cpp-python $VERSION from pip's cache of the wheel built earlier"
+else
+    how="source build"
+    echo "building llama-cpp-python $VERSION from source ($CMAKE_BUILD_PARALLEL_LEVEL jobs, load: $load_before)"
+fi
 start=$(date +%s)
 # --no-binary: never a prebuilt wheel from an index (CUDA or -march=native builds exist elsewhere);
 # pip's cache of the wheel built here is still used. Its runtime dependencies (numpy, typing-extensions,
 # jinja2, diskcache) are small and pure Python except numpy, which .venv already has.
 "$PY" -m pip install -q --no-binary llama-cpp-python "llama-cpp-python==$VERSION"
 end=$(date +%s)
-cpu=$(times | tail -1)  # user and system CPU time of the build (this shell's children)
+cpu_file=$(mktemp)
+times > "$cpu_file"  # in this shell (not a subshell): its second line is the build's user and system CPU time
+cpu=$(tail -1 "$cpu_file")
+rm -f "$cpu_file"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
-"$PY" - "$VERSION" "$((end - start))" "$CMAKE_BUILD_PARALLEL_LEVEL" "$load_before" "$load_after" "$cpu" <<'PYEOF'
+"$PY" - "$VERSION" "$((end - start))" "$CMAKE_BUILD_PARALLEL_LEVEL" "$load_before" "$load_after" "$cpu" "$how" <<'PYEOF'
 import json, os, sys, llama_cpp
-version, seconds, jobs, before, after, cpu = sys.argv[1:]
-info = {"version": version, "seconds": int(seconds), "jobs": int(jobs), "cpus": os.cpu_count(),
+version, seconds, jobs, before, after, cpu, how = sys.argv[1:]
+info = {"version": version, "how": how, "seconds": int(seconds), "jobs": int(jobs), "cpus": os.cpu_count(),
         "loadavg_before": before, "loadavg_after": after, "cpu_user_sys": cpu, "cmake_args": os.environ["CMAKE_ARGS"],
         "system_info": llama_cpp.llama_print_system_info().decode().strip()}
 with open(".venv/llama-cpp-python.build.json", "w") as f:
     json.dump(info, f, indent=1)
 print("llama-cpp-python", llama_cpp.__version__, "|", info["system_info"])
 PYEOF
-echo "llama-cpp-python install time: $((end - start)) s, CPU user/sys $cpu (load average before: $load_before, after: $load_after)"
+echo "llama-cpp-python install time ($how): $((end - start)) s, CPU user/sys $cpu (load average before: $load_before, after: $load_after)"
