@@ -650,7 +650,7 @@ def _eval_markdown(result: dict[str, Any]) -> str:
 @click.option("--strategy", type=click.Choice(["auto", *STRATEGIES]), default="auto", show_default=True,
               help="How updates enter quantized weights: fold (QA-LoRA: into float offsets, exact), fold-requant, "
                    "refit, requantize (dequantize, add, quantize), float (quantize float base + update); auto: "
-                   "each tensor by the one closest to the ideal.")
+                   "an exact fold, else float when --float-base is given, else the smallest error.")
 @click.option("--float-base", "float_base_path", type=click.Path(path_type=Path), default=None,
               help="The float checkpoint a quantized BASE was made from (enables the 'float' strategy).")
 @click.option("--block-size", type=int, default=64, show_default=True, help="nf4/fp4: elements per absmax block.")

@@ -118,7 +118,18 @@ def test_best_merge_picks_the_smallest_error() -> None:
 
     out = best_merge(dW, ideal, base_q=q, base_float=W, quantize=quantize, output_offsets="float")
     assert set(out.tried) == {"fold-requant", "refit", "requantize", "float"}  # fold: dW is not group-constant
-    assert out.tried[out.strategy] == min(out.tried.values())
+    assert out.strategy == "float"  # with the float base, merge in float and quantize once (see choose())
+    no_float = best_merge(dW, q.dequantize() + dW, base_q=q, base_float=None, quantize=quantize,
+                          output_offsets="float")
+    assert set(no_float.tried) == {"fold-requant", "refit", "requantize"}
+    assert no_float.tried[no_float.strategy] == min(no_float.tried.values())
+    group_dW = expand_groups(torch.randn(64, 2) * 0.01, 64, 32)  # QA-LoRA-like: the exact fold wins
+    folded = best_merge(group_dW, q.dequantize() + group_dW, base_q=q, base_float=W, quantize=quantize,
+                        output_offsets="float")
+    assert folded.strategy == "fold" and folded.tried["fold"] < 1e-6
+    integer = best_merge(group_dW, q.dequantize() + group_dW, base_q=q, base_float=W, quantize=quantize,
+                         output_offsets="integer")
+    assert integer.strategy == "float"  # rounded integer zeros are not exact: no preference for the fold
     assert out.tried["float"] == pytest.approx(compare(ideal, quantize(W + dW).dequantize()).rel_fro)
     assert out.tried["requantize"] == pytest.approx(
         compare(ideal, quantize(q.dequantize() + dW).dequantize()).rel_fro)

@@ -4,7 +4,8 @@ Pure tensor math. The inputs are the update ``dW`` [out, in] (float32, already c
 adapters), the target ``ideal`` [out, in] the merged weight should equal (the base the adapter was
 trained on, plus ``dW``), and whichever forms of the base exist: the quantized base (an INT4 or NF4
 tensor read from a quantized checkpoint) and/or the float base. Each strategy returns a quantized
-tensor; :func:`best_merge` runs every applicable one and keeps the one closest to ``ideal``.
+tensor; :func:`best_merge` runs every applicable one and keeps one by :func:`choose`: an exact fold, else
+the float merge quantized once when the float base is there, else the one closest to ``ideal``.
 
 Strategies (``STRATEGIES``):
 
@@ -191,11 +192,32 @@ def applicable(strategy: str, *, base_q: QuantizedTensor | None, has_float: bool
     return None
 
 
+def choose(errors: dict[str, ErrorMetrics], strategies: tuple[str, ...], *, exact_fold: bool) -> str:
+    """Which result to keep (``auto``): an exact fold first (a group-constant update into float offsets);
+    else, when the float base is available, the float merge quantized once; else the smallest error
+    against the ideal.
+
+    Why the float merge wins over a smaller weight error: the weight error mixes two things of very
+    different cost. Random rounding noise of a fresh quantization costs little (second order in the
+    loss), while losing the update -- the direction training found useful -- costs first order. With
+    the float base, a strategy that starts from the quantized base can reach a smaller total error by
+    reproducing the base more closely (e.g. ``refit`` recovers a base that already lies on a 4-bit
+    grid) and still drop the update; on SmolLM2 that kept far less of a LoRA's held-out improvement
+    than ``float`` (reports/bench_merge.md). Without the float base every candidate starts from the
+    same quantized base, and the error against the ideal *is* the update that did not arrive.
+    """
+    if "fold" in errors and exact_fold:
+        return "fold"
+    if "float" in errors:
+        return "float"
+    return min(errors, key=lambda k: (errors[k].rel_fro, strategies.index(k)))
+
+
 def best_merge(dW: torch.Tensor, ideal: torch.Tensor, *, base_q: QuantizedTensor | None,
                base_float: torch.Tensor | None, quantize: Callable[[torch.Tensor], QuantizedTensor],
                output_offsets: str, base_dequantized: torch.Tensor | None = None,
                strategies: tuple[str, ...] = STRATEGIES) -> MergeOutcome:
-    """Run every applicable strategy among ``strategies`` and keep the one closest to ``ideal``.
+    """Run every applicable strategy among ``strategies`` and keep one (:func:`choose`).
 
     Args:
         dW: [out, in] float32 update (the combined adapters).
@@ -235,7 +257,7 @@ def best_merge(dW: torch.Tensor, ideal: torch.Tensor, *, base_q: QuantizedTensor
     if not results:
         raise ValueError("no merge strategy applies to this weight")
     errors = {name: compare(ideal, qt.dequantize(torch.float32)) for name, qt in results.items()}
-    best = min(errors, key=lambda k: (errors[k].rel_fro, strategies.index(k)))
+    best = choose(errors, strategies, exact_fold=group_constant and output_offsets == "float")
     return MergeOutcome(tensor=results[best], strategy=best, metrics=errors[best],
                         tried={k: v.rel_fro for k, v in errors.items()})
 
