@@ -246,10 +246,14 @@ def test_lora_into_quantized_base_strategies(setup: dict[str, Path], tmp_path: P
                "native", "--strategy", "fold-requant", "-o", named, "-q")[0] == 0
     rows = json.loads((named / "report.json").read_text())["requantization"]["tensors"]
     assert {r["strategy"] for r in rows} == {"fold-requant"}
-    assert run(capsys, "merge", setup["native"], "--adapter", setup["lora"], "--quantize", "int4", "--format",
-               "native", "--strategy", "fold", "-o", tmp_path / "fallback", "-q")[0] == 0
-    notes = " ".join(json.loads((tmp_path / "fallback" / "report.json").read_text())["merge"]["notes"])
-    assert "--strategy fold does not apply" in notes
+    # a strategy that cannot apply is an error naming the tensor and the reason; nothing is written
+    code, err = run(capsys, "merge", setup["native"], "--adapter", setup["lora"], "--quantize", "int4", "--format",
+                    "native", "--strategy", "fold", "-o", tmp_path / "fold")
+    assert code == 2 and "--strategy fold cannot merge" in err and "not constant" in err and err.count("\n") == 1
+    assert not (tmp_path / "fold").exists()
+    code, err = run(capsys, "merge", setup["native"], "--adapter", setup["qa"], "--quantize", "nf4",
+                    "--strategy", "fold", "-o", tmp_path / "nf4")
+    assert code == 2 and "--strategy fold cannot merge" in err and not (tmp_path / "nf4").exists()
 
 
 def test_qalora_fold_into_gguf_q4_1(tiny_llama_tok: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

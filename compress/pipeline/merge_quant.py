@@ -35,7 +35,15 @@ from compress.formats.base import dtype_name
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.quantized import DequantizingReader
 from compress.formats.writer import ShardedWriter
-from compress.merge.requant import STRATEGIES, MergeOutcome, as_affine, best_merge, is_group_constant, to_integer_zeros
+from compress.merge.requant import (
+    STRATEGIES,
+    MergeOutcome,
+    applicable,
+    as_affine,
+    best_merge,
+    is_group_constant,
+    to_integer_zeros,
+)
 from compress.metrics import compare, frobenius_norm
 from compress.pipeline.merge import MergedReader
 from compress.pipeline.plan import Plan
@@ -170,7 +178,6 @@ def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, 
                             bytes_before=plan.input_bytes, bytes_after=plan.output_bytes)
     requant = RequantReport(strategy=strategy)
     candidates = STRATEGIES if strategy == "auto" else (strategy,)
-    fallbacks = 0
 
     def quantize(x: torch.Tensor) -> QuantizedTensor:
         return method.quantize(x, config)
@@ -229,10 +236,14 @@ def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, 
                 fold_base = usable_q if isinstance(usable_q, Int4Tensor | AffineInt4Tensor) else None
                 deq_quantized = mt.W if base_quantized else (deq_base if fold_base is not None else None)
                 outcome = _merge_one(dW, ideal, fold_base, float_W, deq_quantized, quantize, offsets, candidates)
-                if outcome is None:  # the named strategy does not apply here: fall back to auto
-                    fallbacks += 1
-                    outcome = _merge_one(dW, ideal, fold_base, float_W, deq_quantized, quantize, offsets, STRATEGIES)
-                    assert outcome is not None
+                if outcome is None:  # only a named strategy can fail to apply: say why, write nothing
+                    group_constant = fold_base is not None and is_group_constant(dW, fold_base.group_size)
+                    why = applicable(strategy, base_q=fold_base, has_float=float_W is not None,
+                                     has_dequantized=deq_quantized is not None, group_constant=group_constant,
+                                     output_offsets=offsets)
+                    raise OptionError(f"--strategy {strategy} cannot merge '{name}': {why}",
+                                      fix="Use --strategy auto (the best applicable strategy per tensor), or see "
+                                          "`compress merge --help` for what each strategy needs.")
                 qt, metrics = outcome.tensor, outcome.metrics
                 realised = qt.dequantize(torch.float32) - deq_base
                 d_norm = frobenius_norm(dW)
@@ -261,9 +272,6 @@ def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, 
         writer.abort()
         raise
     writer.close()
-    if fallbacks:
-        requant.notes.append(f"--strategy {strategy} does not apply to {fallbacks} tensors; they used the best "
-                             "applicable strategy instead")
     if offsets == "integer" and any(r.strategy.startswith(("fold", "refit")) for r in requant.rows):
         requant.notes.append(f"{fmt.name} stores integer zero points, so folded offsets were rounded to whole "
                              "steps (see each tensor's error); --format native keeps them exact")
