@@ -217,8 +217,9 @@ def test_bnb_tensors_are_what_bitsandbytes_quantize_4bit_gives(model_fixture: st
                     # same float32, which is all the loader keeps.
                     assert np.float32(ours_state.pop("nested_offset")) == np.float32(bnb_state.pop("nested_offset"))
                 assert ours_state == bnb_state, name
-            else:
+            else:  # bytes, not values: torch.equal would accept -0.0 for +0.0 (FP4's quant_map)
                 assert ours.dtype == value.dtype and torch.equal(ours, value), f"{name}.{key}"
+                assert ours.contiguous().numpy().tobytes() == value.contiguous().numpy().tobytes(), f"{name}.{key}"
 
 
 def test_bnb_cpu_dequantize_is_wrong_when_blocks_span_rows(tiny_llama_96: Path, outputs) -> None:

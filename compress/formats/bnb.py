@@ -92,7 +92,8 @@ class BnbFormat(WeightFormat):
             assert qt.nested_absmax is not None and qt.nested_code is not None
             out[f"{w}.nested_absmax"] = qt.nested_absmax
             out[f"{w}.nested_quant_map"] = qt.nested_code
-        out[f"{w}.quant_map"] = torch.tensor(TABLES[qt.quant_type], dtype=torch.float32)
+        # + 0.0 turns FP4's -0.0 entry into +0.0, the bytes bitsandbytes stores (the values are equal)
+        out[f"{w}.quant_map"] = torch.tensor(TABLES[qt.quant_type], dtype=torch.float32) + 0.0
         out[f"{w}{STATE_PREFIX}{qt.quant_type}"] = torch.frombuffer(bytearray(_state_json(qt)), dtype=torch.uint8)
         return out
 
