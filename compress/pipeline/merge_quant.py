@@ -201,7 +201,13 @@ def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, 
                     raise OptionError(f"--float-base tensor '{name}' has shape {list(float_W.shape)}, the base has "
                                       f"{list(info.shape)}",
                                       fix="Pass the float checkpoint the base was quantized from.")
-            if not merged.is_merged(name):
+            fast = (_fast_fold(merged, name, base_q, config) if strategy in ("auto", "fold") and offsets == "float"
+                    else None)
+            if fast is not None:  # a QA-LoRA update into float offsets, computed per group (no dense pass)
+                qt, metrics, requant_row, merge_row = fast
+                requant.rows.append(requant_row)
+                merged.rows[name] = merge_row
+            elif not merged.is_merged(name):
                 qt = _pass_through(base_q, config, offsets)
                 if qt is not None:
                     requant.passed_through += 1
@@ -320,3 +326,74 @@ def q4_1_fold_hook(merged: MergedReader, folded: list[str]) -> Callable[[Any, to
         return q, ideal
 
     return hook
+
+
+def _fast_fold(merged: MergedReader, name: str, base_q: QuantizedTensor | None,
+               config: Any) -> tuple[AffineInt4Tensor, Any, RequantRow, Any] | None:
+    """The fold of a QA-LoRA update into an INT4 base's float offsets, done at group resolution.
+
+    A QA-LoRA update is one number per (row, group) (:meth:`MergedReader.group_delta`), so the fold and
+    every figure of the report follow from [out, n_groups] tensors and per-group sums of the codes: no
+    dense update, dequantized base or ideal is ever formed. Same weights as the dense path, bit for bit
+    (the dense update is this one repeated); the error against the ideal is float32's rounding of
+    offset + update, measured per group. None when the tensor is not such a case.
+    """
+    from compress.metrics import ErrorMetrics
+    from compress.pipeline.merge import MergeRow
+
+    if not merged.is_merged(name) or not _compatible_int4(base_q, config):
+        return None
+    grouped = merged.group_delta(name)
+    if grouped is None:
+        return None
+    G_adapter, g = grouped
+    aff = as_affine(base_q)  # type: ignore[arg-type]
+    Gb = aff.group_size
+    if g % Gb or aff.shape[1] % Gb:
+        return None
+    D = G_adapter.float().repeat_interleave(g // Gb, dim=1) if g != Gb else G_adapter.float()
+    if tuple(D.shape) != tuple(aff.offsets.shape):
+        return None
+    new_offsets = aff.offsets + D
+    folded = AffineInt4Tensor(shape=aff.shape, dtype=aff.dtype, codes=aff.codes, scales=aff.scales,
+                              offsets=new_offsets, group_size=Gb, scale_dtype=aff.scale_dtype)
+    # per-group sums of the codes give exact norms of s*q + m for any offset m
+    q = aff.codes.float().reshape(aff.shape[0], -1, Gb)
+    sq, sqq = q.sum(-1).double(), (q * q).sum(-1).double()
+    s64, m64, d64 = aff.scales.double(), aff.offsets.double(), D.double()
+
+    def norm2(offset: torch.Tensor) -> float:
+        return float((s64 * s64 * sqq + 2 * s64 * offset * sq + Gb * offset * offset).sum())
+
+    ideal_off = m64 + d64  # exact: the ideal weight is s*q + m + d
+    err_g = new_offsets.double() - ideal_off  # float32 rounding of m + d, per group
+    ideal_norm = math.sqrt(norm2(ideal_off))
+    err_norm = math.sqrt(Gb * float((err_g * err_g).sum()))
+    merged_norm = math.sqrt(norm2(new_offsets.double()))
+    rel = err_norm / ideal_norm if ideal_norm > 0 else 0.0
+    cos = ((ideal_norm**2 + merged_norm**2 - err_norm**2) / (2 * ideal_norm * merged_norm)
+           if ideal_norm > 0 and merged_norm > 0 else 1.0)
+    metrics = ErrorMetrics(rel_fro=rel, sqnr_db=(20 * math.log10(ideal_norm / err_norm) if err_norm > 0 else math.inf),
+                           max_abs=float(err_g.abs().max()), cosine=max(-1.0, min(1.0, cos)))
+    realised = new_offsets.double() - m64
+    d_norm = math.sqrt(Gb * float((d64 * d64).sum()))
+    lost_norm = math.sqrt(Gb * float(((realised - d64) ** 2).sum()))
+    r_norm = math.sqrt(Gb * float((realised * realised).sum()))
+    inner = Gb * float((realised * d64).sum())
+    base_norm = math.sqrt(norm2(m64))
+    step = float(aff.scales.mean())
+    rms = d_norm / math.sqrt(aff.numel)
+    requant_row = RequantRow(
+        tensor=name, strategy="fold", ideal="quantized base + update", rel_error=rel, tried={"fold": rel},
+        update_rel=d_norm / ideal_norm if ideal_norm > 0 else 0.0,
+        realised_cosine=inner / (r_norm * d_norm) if r_norm > 0 and d_norm > 0 else 1.0,
+        update_lost=lost_norm / d_norm if d_norm > 0 else 0.0, update_over_step=rms / step if step > 0 else math.inf)
+    tm = merged.plan.tensors[name]
+    plan = merged.plan
+    exact = len(tm.adapters) == 1 and plan.weights[tm.adapters[0]] == 1.0
+    merge_row = MergeRow(tensor=name, shape=tm.info.shape, dtype=dtype_name(tm.info.dtype),
+                         adapters=[plan.label(k) for k in tm.adapters], kinds=["qalora"],
+                         method="exact" if exact else plan.options.method.describe(),
+                         delta_rel=d_norm / base_norm if base_norm > 0 else 0.0, dtype_loss=0.0,
+                         deviation_from_sum=None)
+    return folded, metrics, requant_row, merge_row
