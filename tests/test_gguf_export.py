@@ -489,6 +489,16 @@ def test_smollm_tokenizer_carried(smol_src: GGUFReader, smol_q4_0: tuple[Path, d
         a, b = src_fields[key], out_fields[key]
         assert a.types == b.types and a.contents() == b.contents(), key
     assert smol_back.metadata["general.name"] == smol_src.metadata["general.name"]
+    # the source's model card travels too (license, base name, size label, languages...), types kept;
+    # keys the writer owns (file type, quantization version) are ours, not copied
+    card = [k for k in src_fields if k.startswith("general.") and k not in (
+        "general.architecture", "general.type", "general.name", "general.file_type", "general.quantization_version")]
+    assert {"general.license", "general.basename", "general.size_label"} <= set(card)
+    for key in card:
+        a, b = src_fields[key], out_fields[key]
+        assert a.types == b.types and a.contents() == b.contents(), key
+    assert out_fields["general.file_type"].contents() == 2  # MOSTLY_Q4_0, not the source's Q4_1 (3)
+    assert src_fields["general.file_type"].contents() == 3
 
     # Every tokenizer key is identical, so transformers builds the source's tokenizer from the export
     # (building it from the source too would double the test's time; SOURCE_IDS hold its answers).

@@ -467,11 +467,18 @@ def _field_value(field: Any) -> tuple[Any, Any, Any]:
     return field.parts[-1].tolist()[0], main, None
 
 
-def _copy_fields(writer: Any, src: Any, prefixes: tuple[str, ...], notes: list[str]) -> list[str]:
-    """Copy every metadata key of ``src`` starting with one of ``prefixes``, types kept; returns the keys."""
+# general.* keys the writer sets itself (or GGUFWriter writes), never copied from a source GGUF
+_GENERAL_OWN = frozenset({"general.architecture", "general.type", "general.name", "general.file_type",
+                          "general.quantization_version", "general.alignment"})
+
+
+def _copy_fields(writer: Any, src: Any, prefixes: tuple[str, ...], notes: list[str],
+                 skip: frozenset[str] = frozenset()) -> list[str]:
+    """Copy every metadata key of ``src`` starting with one of ``prefixes`` (except ``skip``), types kept;
+    returns the keys."""
     copied = []
     for key, field in src.fields.items():
-        if not key.startswith(prefixes):
+        if not key.startswith(prefixes) or key in skip:
             continue
         try:
             value, vtype, sub = _field_value(field)
@@ -601,6 +608,8 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         writer.add_rope_dimension_count(p.head_dim)
         rope_freqs: np.ndarray | None = None
         if src is not None:
+            # the model card of the source (license, base model, languages, size label...) stays with it
+            _copy_fields(writer, src, ("general.",), notes, skip=_GENERAL_OWN)
             copied = _copy_fields(writer, src, ("llama.rope.scaling.",), notes)
             for t in src.tensors:
                 if t.name == "rope_freqs.weight":
