@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,44 @@ def tiny_llama_tok(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path)
                 (folder / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
     assert (folder / "tokenizer.json").is_file()
     return folder
+
+
+# --- shared by the command-line and export tests ------------------------------------------------------
+
+
+@dataclass
+class CliResult:
+    rc: int
+    out: str
+    err: str
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> CliResult:
+    """Run ``compress ARGV`` in-process: exit code and what it printed (earlier output discarded)."""
+    from compress import cli
+
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return CliResult(rc, cap.out, cap.err)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread while a module runs (restored after). On 2 cores shared with other jobs,
+    torch's per-op thread synchronisation makes small ops (SVDs, quantizer passes, exports, small forward
+    passes) several times slower; results do not depend on it. Modules opt in with usefixtures."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def narrow_err_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 40-column stderr console: an error message that rich wrapped would show as several lines."""
+    from rich.console import Console
+
+    from compress import cli
+
+    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=40))

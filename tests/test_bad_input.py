@@ -23,17 +23,18 @@ import os
 import shutil
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from rich.console import Console
+from conftest import run_cli as run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from compress import cli
+
+pytestmark = pytest.mark.usefixtures("narrow_err_console")
 
 WEIGHT = "model.layers.0.mlp.down_proj.weight"  # quantized by default: 2-D '.weight' in a block
 NORM = "model.norm.weight"  # kept: 1-D
@@ -117,26 +118,6 @@ def gguf_bytes() -> bytes:
 
 
 # --- the harness -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-
-@pytest.fixture(autouse=True)
-def narrow_err_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 40-column stderr console (captured by capsys): a message rich wraps would have several lines."""
-    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=40))
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> Result:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return Result(rc, cap.out, cap.err)
 
 
 def snapshot(*paths: Path) -> dict[str, Any]:

@@ -19,45 +19,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_llama
-from rich.console import Console
+from conftest import run_cli as run
 from safetensors.torch import load_file, save_file
 
-from compress import cli
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "narrow_err_console")
 
 P = "base_model.model."
 VOCAB = 256
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Any:
-    """Two shared cores: torch's second thread makes a small SVD ~30x slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def narrow_err_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 40-column stderr console: an error message that rich wrapped would show as several lines."""
-    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=40))
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> Result:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return Result(rc, cap.out, cap.err)
 
 
 def extract(capsys: pytest.CaptureFixture[str], base: Path, tuned: Path, out: Path, *options: object) -> Path:

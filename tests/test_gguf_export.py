@@ -38,19 +38,10 @@ from compress.formats.gguf_writer import (
 )
 from compress.quant.ggml import GGMLConfig, GGMLTensor, quantize_ggml, quantize_q4_0, quantize_q4_1, quantize_q8_0
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 Q = gguf.GGMLQuantizationType
 QTYPES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs (restored after). On a 2-core machine shared with
-    other jobs, torch's per-op thread synchronisation made the SmolLM2 export 8x slower
-    (reports/bench_quantize.md measures the same effect); results do not depend on it."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:

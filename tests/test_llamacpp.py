@@ -44,7 +44,7 @@ else:
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 # Digits (SmolLM splits them one by one), runs of spaces, tabs and newlines, contractions, accents,
 # CJK, emoji, and a special token written in the text.
@@ -127,16 +127,6 @@ def our_logits(reader: GGUFReader, ids: list[int]) -> np.ndarray:
     model.tie_weights()
     with torch.no_grad():
         return model.float().eval()(torch.tensor([ids])).logits[0].numpy()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Exports and these small forward passes are up to 10x slower with 2 torch threads when the shared
-    # cores are busy (each of the quantizer's passes waits for both threads; see compress/quant/ggml.py)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import build_tiny_llama
-from rich.console import Console
+from conftest import run_cli as run
 from safetensors.torch import load_file, save_file
 
-from compress import cli
 from compress.merge import (
     bias_delta,
     expand_group_delta,
@@ -43,41 +42,14 @@ from compress.merge import (
 )
 from compress.merge.combine import dare_mask, derive_seed
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "narrow_err_console")
+
 P = "base_model.model."
 VOCAB = 128
 IDS = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Any:
-    """Two shared cores: a second torch thread only waits on the first."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def narrow_err_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 40-column stderr console: an error message that rich wrapped would show as several lines."""
-    monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=40))
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> Result:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return Result(rc, cap.out, cap.err)
 
 
 def merge(capsys: pytest.CaptureFixture[str], base: Path, adapters: list[Path], out: Path, *options: object) -> Path:
