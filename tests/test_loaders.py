@@ -12,7 +12,7 @@ that serve it, and they see the weights we mean.
 - The real SmolLM2 GGUF quantized to NF4 loads in transformers and matches transformers' own GGUF
   load with our dequantized weights.
 - A real GPTQ loader (transformers + optimum + gptqmodel) when gptqmodel is installed (it is not in
-  the project environment: it needs torch >= 2.14.1).
+  the project environment: scripts/check_gptq_loader.sh runs these tests in its own).
 """
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ def test_gptq_matches_independent_decoder(model_fixture: str, group_size: int, s
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("gptqmodel"),
-                    reason="needs a GPTQ loader: optimum + gptqmodel (gptqmodel 7.7 requires torch >= 2.14.1)")
+                    reason="needs a GPTQ loader: optimum + gptqmodel (scripts/check_gptq_loader.sh installs them)")
 @pytest.mark.parametrize(("model_fixture", "args"), [
     ("tiny_llama", ("--group-size", "64", "--sym")),  # checkpoint_format gptq (v1)
     ("tiny_llama_96", ("--group-size", "64", "--asym")),  # gptq_v2, a shorter last group
