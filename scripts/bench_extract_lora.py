@@ -48,12 +48,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchlib import compress_exe, loadavg, log, run_measured, stats
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -67,32 +68,6 @@ E2E_ERROR_TOL = 1e-3  # "equal" total error: within 0.1% (relative) of mergekit'
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def stats(values: list[float]) -> dict[str, Any]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "all": values}
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def read_proc_status(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS/VmHWM/RssAnon/RssFile/RssShmem of a process, in bytes ({} when it is gone)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
 
 
 def machine_info(mergekit_python: str | None) -> dict[str, Any]:
@@ -397,82 +372,6 @@ def build_pair(folder: Path, layers: int, seed: int, *, hidden: int = 1024, inte
             "checkpoint_bytes": size, "delta_rel": delta_rel, "spectrum": "s_i ~ i^-0.5, full rank"}
 
 
-# A small launcher between this (large: torch loaded, models built) process and each contender: on
-# Linux, execve() records the outgoing address space's high-water RSS in the process's maxrss, so a
-# command forked (or vforked) straight from here would report at least our own peak RSS. The launcher
-# is a fresh `python -S`: its child starts from a ~10 MiB image, and the launcher reports that child's
-# own wait4 rusage.
-LAUNCHER = """
-import json, os, sys, time
-out = sys.argv[1]
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(out, "w") as f:
-    json.dump({"pid": pid, "wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
-               "max_rss_kib": ru.ru_maxrss, "major_faults": ru.ru_majflt, "minor_faults": ru.ru_minflt,
-               "exit": os.waitstatus_to_exitcode(status)}, f)
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if 0 <= code < 256 else 1)
-"""
-
-
-def child_pids(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
-def run_measured(cmd: list[str], *, env: dict[str, str], log_dir: Path, tag: str,
-                 interval: float = 0.05) -> dict[str, Any]:
-    """Run cmd under the launcher; return wall time, the command's own rusage (peak RSS) and sampled
-    peaks of its anonymous / file-backed RSS (and its VmHWM as a cross-check)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    out_path, err_path, ru_path = log_dir / f"{tag}.out", log_dir / f"{tag}.err", log_dir / f"{tag}.rusage.json"
-    peaks = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
-    samples = 0
-    done = threading.Event()
-    with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(ru_path), *cmd], env=env, stdout=fo,
-                                stderr=fe, cwd="/")
-
-        def sampler() -> None:
-            nonlocal samples
-            while not done.is_set():
-                for pid in child_pids(proc.pid):
-                    s = read_proc_status(pid)
-                    if s:
-                        samples += 1
-                        for k in peaks:
-                            peaks[k] = max(peaks[k], s.get(k, 0))
-                done.wait(interval)
-
-        th = threading.Thread(target=sampler, daemon=True)
-        th.start()
-        proc.wait()
-        outer_wall = time.perf_counter() - t0
-        done.set()
-        th.join()
-    stderr = err_path.read_text(errors="replace")
-    if proc.returncode != 0 or not ru_path.exists():
-        raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
-    ru = json.loads(ru_path.read_text())
-    return {
-        "command": shlex.join(cmd), "wall_s": ru["wall_s"], "outer_wall_s": outer_wall, "user_s": ru["user_s"],
-        "sys_s": ru["sys_s"], "max_rss_bytes": ru["max_rss_kib"] * 1024,  # Linux reports kilobytes
-        "sampled_peak_bytes": peaks, "samples": samples,
-        "major_faults": ru["major_faults"], "minor_faults": ru["minor_faults"], "loadavg_after": loadavg(),
-    }
-
-
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\\.)?({k})$", module)."""
     for key, value in patterns.items():
@@ -534,11 +433,6 @@ def adapter_error(adapter: Path, base: Path, tuned: Path) -> dict[str, Any]:
             "full_saved": full_saved, "adapter_bytes": sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file()),
             "config": {k: cfg.get(k) for k in ("r", "lora_alpha", "use_rslora", "modules_to_save", "target_modules")}
             | {"rank_pattern_entries": len(rank_pattern)}}
-
-
-def compress_exe() -> str:
-    exe = Path(sys.executable).parent / "compress"
-    return str(exe) if exe.exists() else (shutil.which("compress") or "compress")
 
 
 @dataclass
@@ -605,7 +499,7 @@ def run_contenders(pair: dict[str, Any], work: Path, contenders: list[Contender]
             out_dir = work / f"out-{label}" / f"{name}-{rnd}"
             cmd = c.command(out_dir)
             log(f"{label}: round {rnd + 1}/{rounds}: {name} ...")
-            res = run_measured(cmd, env=env | c.env, log_dir=work / "logs", tag=f"{label}-{name}-{rnd}")
+            res = run_measured(cmd, env=env | c.env, log_dir=work / "logs", tag=f"{label}-{name}-{rnd}", cwd="/")
             res["env"] = c.env
             log(f"{label}: {name}: {res['wall_s']:.2f}s, peak RSS {res['max_rss_bytes'] / MIB:.0f} MiB, "
                 f"load {res['loadavg_after'][0]}")
@@ -632,7 +526,8 @@ def run_contenders(pair: dict[str, Any], work: Path, contenders: list[Contender]
 
 def idle_python_rss(py: str, log_dir: Path) -> int:
     """Peak RSS of the interpreter importing torch (the floor every contender pays)."""
-    res = run_measured([py, "-c", "import torch"], env=dict(os.environ), log_dir=log_dir, tag="idle-torch")
+    res = run_measured([py, "-c", "import torch"], env=dict(os.environ), log_dir=log_dir, tag="idle-torch",
+                       cwd="/")
     return res["max_rss_bytes"]
 
 

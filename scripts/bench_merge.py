@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from benchlib import compress_exe
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -64,11 +64,6 @@ QUANTS = {  # label -> (quantize options, merge options)
     "NF4 b64 bnb": (["--method", "nf4", "--format", "bnb"], ["--quantize", "nf4", "--format", "bnb"]),
 }
 INT4_STRATEGIES = ("requantize", "fold-requant", "refit")
-
-
-def compress_exe() -> str:
-    exe = Path(sys.executable).with_name("compress")
-    return str(exe) if exe.is_file() else (shutil.which("compress") or "compress")
 
 
 def run(args: list[str], *, threads: int | None = None) -> float:

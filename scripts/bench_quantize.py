@@ -22,9 +22,8 @@ Sections (each can be skipped with --skip):
    with the handles kept open), to show what mapped file pages do to RSS. Everything written
    under the work folder is deleted afterwards.
 
-Peak RSS is measured by a tiny launcher process that forks the measured command and reads its
-``wait4`` rusage: Linux carries the high-water mark of a forked address space across ``exec``, so
-a child forked directly from this (large) benchmark process would report at least our own RSS.
+Peak RSS is measured by ``benchlib.run_measured``: a tiny launcher process forks the measured command
+and reads its ``wait4`` rusage (see benchlib for why this process must not be the parent).
 
 Writes ``<out>.json`` (all raw numbers, machine info) and ``<out>.md`` (tables + the command).
 
@@ -35,7 +34,6 @@ Writes ``<out>.json`` (all raw numbers, machine info) and ``<out>.md`` (tables +
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import functools
 import gc
@@ -49,11 +47,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchlib import compress_exe, dir_bytes, loadavg, read_proc_status, run_measured, stats
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -63,32 +62,6 @@ TENSOR_BYTES = 4096 * 4096 * 4  # the synthetic checkpoint's tensors: float32 [4
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def stats(values: list[float]) -> dict[str, Any]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values), "all": values}
-
-
-def read_proc_status(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS/VmHWM/RssAnon/RssFile/RssShmem of a process, in bytes ({} when it is gone)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def machine_info() -> dict[str, Any]:
@@ -301,83 +274,6 @@ def stages(size: int, rounds: int, threads: int) -> dict[str, Any]:
 
 
 # --- subprocess measurement ----------------------------------------------------------------------
-
-
-# Forks the command from a ~8 MiB process (python -S) and writes its wait4 rusage as JSON; see the
-# module docstring for why the benchmark process itself must not be the parent.
-LAUNCHER = """
-import json, os, sys, time
-out, argv = sys.argv[1], sys.argv[2:]
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(argv[0], argv)
-    finally:
-        os._exit(127)
-with open(out + ".pid", "w") as f:
-    f.write(str(pid))
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(out, "w") as f:
-    json.dump({"exit": os.waitstatus_to_exitcode(status), "wall_s": wall, "maxrss_kb": ru.ru_maxrss,
-               "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "majflt": ru.ru_majflt, "minflt": ru.ru_minflt}, f)
-"""
-
-
-def run_measured(cmd: list[str], *, env: dict[str, str], log_dir: Path, tag: str,
-                 interval: float = 0.05) -> dict[str, Any]:
-    """Run cmd; return wall time, rusage (peak RSS) and sampled peaks of anon/file-backed RSS."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    out_path, err_path, ru_path = log_dir / f"{tag}.out", log_dir / f"{tag}.err", log_dir / f"{tag}.rusage"
-    peaks = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
-    at_peak: dict[str, int] = {}
-    samples = 0
-    done = threading.Event()
-    with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
-        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(ru_path), *cmd], env=env,
-                                stdout=fo, stderr=fe, cwd=REPO)
-
-        def sampler() -> None:
-            nonlocal samples, at_peak
-            pid_file = Path(str(ru_path) + ".pid")
-            child = None
-            while not done.is_set():
-                if child is None:
-                    with contextlib.suppress(OSError, ValueError):
-                        child = int(pid_file.read_text())
-                else:
-                    s = read_proc_status(child)
-                    if s:
-                        samples += 1
-                        for k in peaks:
-                            peaks[k] = max(peaks[k], s.get(k, 0))
-                        if s.get("VmRSS", 0) >= at_peak.get("VmRSS", 0):
-                            at_peak = s
-                done.wait(interval)
-
-        th = threading.Thread(target=sampler, daemon=True)
-        th.start()
-        proc.wait()
-        done.set()
-        th.join()
-    stderr = err_path.read_text(errors="replace")
-    if proc.returncode != 0 or not ru_path.exists():
-        raise RuntimeError(f"launcher for {shlex.join(cmd)} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
-    ru = json.loads(ru_path.read_text())
-    if ru["exit"] != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed (exit {ru['exit']}):\n{stderr[-3000:]}")
-    return {
-        "command": shlex.join(cmd), "wall_s": ru["wall_s"], "user_s": ru["user_s"], "sys_s": ru["sys_s"],
-        "max_rss_bytes": ru["maxrss_kb"] * 1024,  # Linux reports kilobytes
-        "sampled_peak_bytes": peaks, "sampled_at_peak_rss": at_peak, "samples": samples,
-        "major_faults": ru["majflt"], "minor_faults": ru["minflt"], "loadavg_after": loadavg(),
-    }
-
-
-def compress_exe() -> str:
-    exe = Path(sys.executable).parent / "compress"
-    return str(exe) if exe.exists() else (shutil.which("compress") or "compress")
 
 
 def instrumented_cmd(json_out: Path, cli_args: list[str], *, mmap_reader: bool) -> list[str]:

@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from benchlib import compress_exe, run_measured
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -66,39 +66,16 @@ def parse_list(text: str, kind: type) -> list[Any]:
     return [kind(x) for x in text.split(",") if x.strip()] if text else []
 
 
-def compress_exe() -> str:
-    exe = Path(sys.executable).parent / "compress"
-    return str(exe) if exe.is_file() else (shutil.which("compress") or "compress")
-
-
-# Forks the command from a ~10 MiB process (python -S) and writes its wait4 rusage as JSON. Forking the
-# command from this (multi-GiB) process directly would not do: Linux carries the high-water mark of the
-# forked address space across exec, so ru_maxrss would report this process's peak, not the command's.
-LAUNCHER = """import json, os, sys, time
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, ru = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    json.dump({"exit": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t0,
-               "maxrss_kb": ru.ru_maxrss, "cpu_s": ru.ru_utime + ru.ru_stime}, f)
-"""
-
-
 def run_cli(args: list[str], log: Path) -> dict[str, Any]:
-    """Run ``compress ARGS`` in a child process (via LAUNCHER): wall seconds, CPU seconds, peak RSS (MiB)."""
-    cmd = [compress_exe(), *args]
-    ru_path = log.with_suffix(".rusage.json")
+    """Run ``compress ARGS`` in a child process (``benchlib.run_measured``; its output goes to LOG.out and
+    LOG.err): wall seconds, CPU seconds, peak RSS (MiB)."""
     load_before = os.getloadavg()[0]
-    with log.open("w") as out:
-        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(ru_path), *cmd], stdout=out,
-                       stderr=subprocess.STDOUT, check=True)
-    ru = json.loads(ru_path.read_text())
-    if ru["exit"] != 0:
-        raise SystemExit(f"`{shlex.join(cmd)}` failed ({ru['exit']}):\n{log.read_text()[-3000:]}")
-    return {"wall_seconds": round(ru["wall_s"], 2), "peak_rss_mib": round(ru["maxrss_kb"] / 1024, 1),
-            "cpu_seconds": round(ru["cpu_s"], 2), "loadavg_1min_before": round(load_before, 2),
+    try:
+        res = run_measured([compress_exe(), *args], log_dir=log.parent, tag=log.stem)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    return {"wall_seconds": round(res["wall_s"], 2), "peak_rss_mib": round(res["max_rss_bytes"] / 2**20, 1),
+            "cpu_seconds": round(res["user_s"] + res["sys_s"], 2), "loadavg_1min_before": round(load_before, 2),
             "loadavg_1min_after": round(os.getloadavg()[0], 2)}
 
 

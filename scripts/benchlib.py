@@ -1,0 +1,146 @@
+"""What the benchmark scripts share: running a command with its own peak RSS measured, and small helpers.
+
+Peak memory of a command is read from the kernel (wait4 rusage) of a process that a small launcher forks,
+not from the benchmark process itself. On Linux, execve() carries the outgoing address space's high-water
+RSS into the new program's maxrss, so a command forked straight from a benchmark process that has torch
+loaded and models built would report at least that process's own peak. The launcher is a fresh
+``python -S`` (~10 MiB): its child starts small, and the launcher writes that child's rusage as JSON.
+While the command runs, a sampler thread also reads its /proc status every ``interval`` seconds, which
+splits the RSS into anonymous and file-backed pages (memory-mapped reads show up as the latter).
+
+The scripts are run as ``python scripts/NAME.py``, so ``import benchlib`` finds this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+LAUNCHER = """
+import json, os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+with open(out + ".pid", "w") as f:
+    f.write(str(pid))
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+code = os.waitstatus_to_exitcode(status)
+with open(out, "w") as f:
+    json.dump({"exit": code, "wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
+               "max_rss_kib": ru.ru_maxrss, "major_faults": ru.ru_majflt, "minor_faults": ru.ru_minflt}, f)
+sys.exit(code if 0 <= code < 256 else 1)
+"""
+
+STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "all": values}
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def compress_exe() -> str:
+    """The ``compress`` console script of the running interpreter's environment."""
+    exe = Path(sys.executable).parent / "compress"
+    return str(exe) if exe.is_file() else (shutil.which("compress") or "compress")
+
+
+def read_proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS/VmHWM/RssAnon/RssFile/RssShmem of a process, in bytes ({} when it is gone)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in STATUS_KEYS:
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def run_measured(cmd: list[str], *, log_dir: Path, tag: str, env: dict[str, str] | None = None,
+                 cwd: Path | str = REPO, interval: float = 0.05) -> dict[str, Any]:
+    """Run ``cmd`` under the launcher; its stdout/stderr go to ``log_dir/TAG.out`` and ``TAG.err``.
+
+    Returns wall and CPU seconds, the command's own peak RSS (``max_rss_bytes``, from wait4), the sampled
+    peaks of each /proc status field (``sampled_peak_bytes``) and the status at the highest sampled RSS.
+    Raises RuntimeError with the end of stderr when the command fails.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_path, err_path, ru_path = log_dir / f"{tag}.out", log_dir / f"{tag}.err", log_dir / f"{tag}.rusage.json"
+    pid_path = Path(str(ru_path) + ".pid")
+    for stale in (ru_path, pid_path):
+        stale.unlink(missing_ok=True)
+    peaks = dict.fromkeys(STATUS_KEYS, 0)
+    at_peak: dict[str, int] = {}
+    samples = 0
+    done = threading.Event()
+
+    def sampler() -> None:
+        nonlocal samples, at_peak
+        child = None
+        while not done.is_set():
+            if child is None:
+                with contextlib.suppress(OSError, ValueError):
+                    child = int(pid_path.read_text())
+            else:
+                status = read_proc_status(child)
+                if status:
+                    samples += 1
+                    for key in peaks:
+                        peaks[key] = max(peaks[key], status.get(key, 0))
+                    if status.get("VmRSS", 0) >= at_peak.get("VmRSS", 0):
+                        at_peak = status
+            done.wait(interval)
+
+    with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(ru_path), *cmd], env=env,
+                                stdout=fo, stderr=fe, cwd=cwd)
+        thread = threading.Thread(target=sampler, daemon=True)
+        thread.start()
+        proc.wait()
+        outer_wall = time.perf_counter() - t0
+        done.set()
+        thread.join()
+    stderr = err_path.read_text(errors="replace")
+    if proc.returncode != 0 or not ru_path.exists():
+        raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
+    ru = json.loads(ru_path.read_text())
+    return {
+        "command": shlex.join(cmd), "wall_s": ru["wall_s"], "outer_wall_s": outer_wall,
+        "user_s": ru["user_s"], "sys_s": ru["sys_s"],
+        "max_rss_bytes": ru["max_rss_kib"] * 1024,  # Linux reports kilobytes
+        "sampled_peak_bytes": peaks, "sampled_at_peak_rss": at_peak, "samples": samples,
+        "major_faults": ru["major_faults"], "minor_faults": ru["minor_faults"], "loadavg_after": loadavg(),
+    }
