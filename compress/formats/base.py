@@ -60,13 +60,20 @@ class WeightFormat(ExportFormat, ABC):
                             quantized_modules: list[str]) -> dict[str, Any]:
         """The ``quantization_config`` entry of config.json."""
 
-    @abstractmethod
+    # Suffixes of the tensors stored for module P in place of P.weight (P.qweight, P.scales, ...); the
+    # first one is always present and marks the module as quantized. Layouts that store under other
+    # names (bitsandbytes keeps P.weight) override weight_names and stored_keys instead.
+    parts: tuple[str, ...] = ()
+
     def weight_names(self, keys: set[str]) -> list[str]:
         """Names of the original weights (``P.weight``) stored quantized among ``keys``."""
+        marker = "." + self.parts[0]
+        return sorted(k.removesuffix(marker) + ".weight" for k in keys if k.endswith(marker))
 
-    @abstractmethod
     def stored_keys(self, weight_name: str, keys: set[str]) -> list[str]:
         """All stored keys that belong to the quantized weight ``weight_name``."""
+        p = module_name(weight_name)
+        return [f"{p}.{part}" for part in self.parts if f"{p}.{part}" in keys]
 
     @abstractmethod
     def original_shape(self, weight_name: str, stored_shapes: dict[str, tuple[int, ...]],

@@ -92,6 +92,7 @@ class CompressedTensorsFormat(WeightFormat):
     name = "compressed-tensors"
     summary = "compressed-tensors pack-quantized W4A16 (weight_packed/weight_scale; vLLM, transformers)"
     methods = ("int4",)
+    parts = PARTS
 
     def adapt_config(self, config: Any, dtype: torch.dtype) -> Any:
         """Round scales to the model dtype: the loader casts ``weight_scale`` into the module dtype."""
@@ -172,13 +173,6 @@ class CompressedTensorsFormat(WeightFormat):
             "sparsity_config": {},
             "transform_config": {},
         }
-
-    def weight_names(self, keys: set[str]) -> list[str]:
-        return sorted(k.removesuffix(".weight_packed") + ".weight" for k in keys if k.endswith(".weight_packed"))
-
-    def stored_keys(self, weight_name: str, keys: set[str]) -> list[str]:
-        p = module_name(weight_name)
-        return [f"{p}.{part}" for part in PARTS if f"{p}.{part}" in keys]
 
     def original_shape(self, weight_name: str, stored_shapes: dict[str, tuple[int, ...]],
                        read: Callable[[str], torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype | None]:

@@ -50,6 +50,7 @@ class GptqFormat(WeightFormat):
     name = "gptq"
     summary = "GPTQ int4 (qweight/qzeros/scales/g_idx; transformers+gptqmodel, vLLM, TGI, exllama)"
     methods = ("int4",)
+    parts = ("qweight", "qzeros", "scales", "g_idx")
 
     def unsupported(self, shape: tuple[int, ...], config: Any) -> str | None:
         if len(shape) != 2:
@@ -95,13 +96,6 @@ class GptqFormat(WeightFormat):
             "checkpoint_format": "gptq" if config.symmetric else "gptq_v2",
         }
         return qc
-
-    def weight_names(self, keys: set[str]) -> list[str]:
-        return sorted(k.removesuffix(".qweight") + ".weight" for k in keys if k.endswith(".qweight"))
-
-    def stored_keys(self, weight_name: str, keys: set[str]) -> list[str]:
-        p = module_name(weight_name)
-        return [k for k in (f"{p}.qweight", f"{p}.qzeros", f"{p}.scales", f"{p}.g_idx") if k in keys]
 
     def original_shape(self, weight_name: str, stored_shapes: dict[str, tuple[int, ...]],
                        read: Callable[[str], torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype | None]:

@@ -54,6 +54,7 @@ class NativeFormat(WeightFormat):
     summary = ("compress' INT4 with float offsets per group (exact target of QA-LoRA merges; read by "
                "`compress dequantize`, no engine loads it directly)")
     methods = ("int4",)
+    parts = PARTS
 
     def unsupported(self, shape: tuple[int, ...], config: Any) -> str | None:
         if len(shape) != 2:
@@ -90,13 +91,6 @@ class NativeFormat(WeightFormat):
         return {"quant_method": QUANT_METHOD, "format": LAYOUT, "bits": 4, "group_size": config.group_size,
                 "scale_dtype": dtype_name(config.scale_dtype), "offset_dtype": "float32",
                 "modules_not_converted": kept_modules}
-
-    def weight_names(self, keys: set[str]) -> list[str]:
-        return sorted(k.removesuffix(".qcodes") + ".weight" for k in keys if k.endswith(".qcodes"))
-
-    def stored_keys(self, weight_name: str, keys: set[str]) -> list[str]:
-        p = module_name(weight_name)
-        return [f"{p}.{part}" for part in PARTS if f"{p}.{part}" in keys]
 
     def original_shape(self, weight_name: str, stored_shapes: dict[str, tuple[int, ...]],
                        read: Callable[[str], torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype | None]:
