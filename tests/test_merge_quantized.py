@@ -304,7 +304,7 @@ def test_merge_to_gguf(setup: dict[str, Path], tmp_path: Path, capsys: pytest.Ca
 
 
 @pytest.mark.parametrize("case", ["format-pair", "strategy-without-quantize", "float-base-quantized",
-                                  "float-base-mismatch"])
+                                  "float-base-mismatch", "float-base-shape"])
 def test_bad_input(case: str, setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     args: list[Any] = ["merge", setup["native"], "--adapter", setup["lora"], "-o", out]
@@ -318,10 +318,15 @@ def test_bad_input(case: str, setup: dict[str, Path], tmp_path: Path, capsys: py
     elif case == "float-base-quantized":
         args += ["--quantize", "int4", "--float-base", setup["gptq"]]
         words = ("--float-base is itself quantized",)
-    else:
+    elif case == "float-base-mismatch":
         other = build_tiny_llama(tmp_path / "other", hidden=32, intermediate=64, layers=1, vocab=128)
         args += ["--quantize", "int4", "--float-base", other]
-        words = ("--float-base",)
+        words = ("--float-base has no tensor",)
+    else:  # same names, other MLP width: refused before anything is merged, however the tensors are merged
+        other = build_tiny_llama(tmp_path / "other", hidden=64, intermediate=96, layers=2, vocab=128)
+        args += ["--quantize", "int4", "--float-base", other]
+        words = ("--float-base tensor 'model.layers.0.mlp.down_proj.weight' has shape [64, 96]",
+                 "the base has [64, 128] (6 differ)")
     code, err = run(capsys, *args)
     assert code == 2 and err.count("\n") == 1 and all(w in err for w in words), err
     assert not out.exists()

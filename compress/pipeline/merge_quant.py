@@ -194,15 +194,15 @@ def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, 
                     progress(name, info.nbytes)
                 continue
             base_q = base.quantized(name) if base_quantized and base.is_quantized(name) else None
+            fast = (_fast_fold(merged, name, base_q, config) if strategy in ("auto", "fold") and offsets == "float"
+                    else None)
             float_W = None
-            if float_base is not None:
+            if float_base is not None and fast is None:  # an exact fold needs no float weights: don't read them
                 float_W = float_base.get(name).to(device).float()
                 if tuple(float_W.shape) != tuple(info.shape):
                     raise OptionError(f"--float-base tensor '{name}' has shape {list(float_W.shape)}, the base has "
                                       f"{list(info.shape)}",
                                       fix="Pass the float checkpoint the base was quantized from.")
-            fast = (_fast_fold(merged, name, base_q, config) if strategy in ("auto", "fold") and offsets == "float"
-                    else None)
             if fast is not None:  # a QA-LoRA update into float offsets, computed per group (no dense pass)
                 qt, metrics, requant_row, merge_row = fast
                 requant.rows.append(requant_row)
