@@ -256,18 +256,25 @@ def test_lora_into_quantized_base_strategies(setup: dict[str, Path], tmp_path: P
     assert code == 2 and "--strategy fold cannot merge" in err and not (tmp_path / "nf4").exists()
 
 
-def test_qalora_fold_into_gguf_q4_1(tiny_llama_tok: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_qalora_fold_into_gguf_q4_1(tiny_llama_tok: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Q4_1's per-block minimum is a float16 offset: a QA-LoRA update with groups of 32 goes into it."""
     import numpy as np
 
+    import compress.pipeline.merge as merge_pipeline
     from compress.formats.checkpoint import open_checkpoint
     from compress.formats.gguf_reader import permute_qk
     from compress.quant.ggml import GGMLConfig, quantize_ggml
 
     qa = qalora_adapter(tmp_path / "qa", 32, 5, lora_alpha=32)
     folded, plain = tmp_path / "folded.gguf", tmp_path / "plain.gguf"
+    deltas_made: list[int] = []
+    module_delta = merge_pipeline.module_delta
+    monkeypatch.setattr(merge_pipeline, "module_delta", lambda *a, **k: deltas_made.append(1) or module_delta(*a, **k))
     code, err = run(capsys, "merge", tiny_llama_tok, "--adapter", qa, "--quantize", "q4_1", "-o", folded, "-q")
     assert code == 0, err
+    assert len(deltas_made) == len(QA_MODULES)  # each update is made once: the fold reuses the export's merge
+    monkeypatch.undo()
     report = json.loads((tmp_path / "folded.report.json").read_text())
     assert any("folded into the Q4_1 block minimums" in n for n in report["merge"]["notes"])
     # the same update merged in float and then quantized to Q4_1 (what happens without the fold)

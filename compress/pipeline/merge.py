@@ -310,9 +310,17 @@ class MergedReader(CheckpointReader):
         self.config = base.config
         self.device = device or torch.device("cpu")
         self.rows: dict[str, MergeRow] = {}
+        # keep_last: the last merge_tensor() result is kept until the next merge (or forget()), so that a
+        # consumer of get() that also needs the pieces (the GGUF Q4_1 fold) does not merge twice
+        self.keep_last = False
+        self._last: tuple[str, MergedTensor] | None = None
 
     def infos(self) -> list[TensorInfo]:
         return list(self.plan.infos)
+
+    def forget(self) -> None:
+        """Drop the kept merge result (see ``keep_last``)."""
+        self._last = None
 
     def extra_files(self) -> dict[str, bytes | Path]:
         return self.base.extra_files()
@@ -350,6 +358,9 @@ class MergedReader(CheckpointReader):
 
     def merge_tensor(self, name: str) -> MergedTensor:
         """Merge one tensor (see the module docstring) and record its report row."""
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        self._last = None  # free it before the next merge allocates
         tm = self.plan.tensors[name]
         plan, method, pooling = self.plan, self.plan.options.method, self.plan.options.qalora_pooling
         W = self.base.get(name).to(self.device).float()
@@ -409,7 +420,10 @@ class MergedReader(CheckpointReader):
                        method="exact" if exact else method.describe(),
                        delta_rel=_ratio(change, frobenius_norm(W)), dtype_loss=lost, deviation_from_sum=deviation)
         self.rows[name] = row
-        return MergedTensor(W=W, merged=merged, delta=D, row=row)
+        result = MergedTensor(W=W, merged=merged, delta=D, row=row)
+        if self.keep_last:
+            self._last = (name, result)
+        return result
 
     def report(self) -> MergeReport:
         rows = [self.rows[n] for n in self.plan.tensors if n in self.rows]

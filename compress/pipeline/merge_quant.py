@@ -308,11 +308,14 @@ def q4_1_fold_hook(merged: MergedReader, folded: list[str]) -> Callable[[Any, to
     from compress.formats.gguf_reader import permute_qk
     from compress.quant.ggml import BLOCK, GGMLConfig, quantize_ggml
 
+    merged.keep_last = True  # the export's get() merged this tensor just before: reuse that merge
+
     def hook(planned: Any, values: torch.Tensor) -> tuple[Any, torch.Tensor] | None:
         name = planned.source
         if planned.qtype != "q4_1" or name is None or not merged.is_merged(name):
             return None
         mt = merged.merge_tensor(name)
+        merged.forget()
         W, dW = mt.W.float(), mt.delta.float()
         if dW.dim() != 2 or not is_group_constant(dW, BLOCK):
             return None
