@@ -34,14 +34,11 @@ command). Scratch checkpoints live under ``--workdir`` and are deleted afterward
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import importlib.metadata
 import inspect
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -54,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import benchlib
 from benchlib import compress_exe, loadavg, log, run_measured, stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,59 +69,16 @@ E2E_ERROR_TOL = 1e-3  # "equal" total error: within 0.1% (relative) of mergekit'
 
 
 def machine_info(mergekit_python: str | None) -> dict[str, Any]:
-    import torch
-
-    cpu_model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model == "unknown":
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    mem_total = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    versions: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("compress", "safetensors", "transformers", "peft", "numpy"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
+    extra: dict[str, Any] = {}
     if mergekit_python:
         code = ("import importlib.metadata as m, json; print(json.dumps({d: m.version(d) for d in "
                 "('mergekit', 'torch', 'transformers', 'safetensors')}))")
         try:
             res = subprocess.run([mergekit_python, "-c", code], capture_output=True, text=True, check=True)
-            versions["mergekit_venv"] = json.loads(res.stdout)
+            extra["mergekit_venv"] = json.loads(res.stdout)
         except (OSError, subprocess.CalledProcessError, json.JSONDecodeError) as e:
-            versions["mergekit_venv"] = f"unavailable: {e}"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "compress"], cwd=REPO,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpu_model,
-        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "mem_total_bytes": mem_total,
-        "torch_threads_default": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "package_commit": commit,
-        "package_dirty": dirty,
-        "loadavg_start": loadavg(),
-    }
+            extra["mergekit_venv"] = f"unavailable: {e}"
+    return benchlib.machine_info(("compress", "safetensors", "transformers", "peft", "numpy"), extra)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

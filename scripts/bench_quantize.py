@@ -34,24 +34,22 @@ Writes ``<out>.json`` (all raw numbers, machine info) and ``<out>.md`` (tables +
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import gc
 import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import benchlib
 from benchlib import compress_exe, dir_bytes, loadavg, read_proc_status, run_measured, stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,51 +63,7 @@ TENSOR_BYTES = 4096 * 4096 * 4  # the synthetic checkpoint's tensors: float32 [4
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
-
-    cpu_model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model == "unknown":
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    mem_total = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("bitsandbytes", "safetensors", "transformers", "gguf", "numpy"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "compress"], cwd=REPO,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpu_model,
-        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "mem_total_bytes": mem_total,
-        "torch_threads_default": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "versions": versions,
-        "package_commit": commit,
-        "package_dirty": dirty,
-        "loadavg_start": loadavg(),
-    }
+    return benchlib.machine_info(("bitsandbytes", "safetensors", "transformers", "gguf", "numpy"))
 
 
 def contention_probe(reps: int = 200) -> dict[str, Any]:

@@ -14,8 +14,11 @@ The scripts are run as ``python scripts/NAME.py``, so ``import benchlib`` finds 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import importlib.metadata
 import json
 import os
+import platform
 import shlex
 import shutil
 import statistics
@@ -143,4 +146,51 @@ def run_measured(cmd: list[str], *, log_dir: Path, tag: str, env: dict[str, str]
         "max_rss_bytes": ru["max_rss_kib"] * 1024,  # Linux reports kilobytes
         "sampled_peak_bytes": peaks, "sampled_at_peak_rss": at_peak, "samples": samples,
         "major_faults": ru["major_faults"], "minor_faults": ru["minor_faults"], "loadavg_after": loadavg(),
+    }
+
+
+def machine_info(dists: tuple[str, ...], extra_versions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The machine (CPU model and vector flags, cores, memory), the versions of ``dists``, the package's
+    commit (and whether compress/ has uncommitted changes), the date and the load at the start."""
+    import torch
+
+    cpu_model, flags = "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu_model == "unknown":
+                cpu_model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    mem_total = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_total = int(line.split()[1]) * 1024
+    versions: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in dists:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    versions.update(extra_versions or {})
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "compress"], cwd=REPO,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model,
+        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "mem_total_bytes": mem_total,
+        "torch_threads_default": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "package_commit": commit,
+        "package_dirty": dirty,
+        "loadavg_start": loadavg(),
     }
