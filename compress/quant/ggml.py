@@ -1,8 +1,9 @@
-"""llama.cpp's Q4_0, Q4_1 and Q8_0 block quantization, bit-identical to ``gguf.quants.quantize``.
+"""llama.cpp's 32-element block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, bit-identical to ``gguf.quants.quantize``.
 
-Reference: ``quantize_row_q4_0_ref`` / ``quantize_row_q4_1_ref`` / ``quantize_row_q8_0_ref`` in
-llama.cpp's ``ggml/src/ggml-quants.c``, and their numpy ports in the ``gguf`` package
-(``gguf/quants.py``), which these functions reproduce byte for byte.
+Reference: ``quantize_row_q4_0_ref`` ... ``quantize_row_q8_0_ref`` in llama.cpp's
+``ggml/src/ggml-quants.c``, and their numpy ports in the ``gguf`` package (``gguf/quants.py``),
+which these functions reproduce byte for byte. The 256-element K-quants are in
+:mod:`compress.quant.kquants`; :func:`quantize_ggml` dispatches to them.
 
 Every row (the last dimension, innermost in GGUF) is cut into blocks of 32 consecutive elements;
 the row length must be a multiple of 32 (ggml blocks never straddle rows). Per block, all in
@@ -13,6 +14,8 @@ float32 with the same operation order as the references:
           q = min(15, trunc(x * id + 8.5))                   -> x' = (q - 8) * fp16(d)
     Q4_1: mn, mx = min, max;  d = (mx - mn) / 15,  id = 1/d (0 if d == 0)
           q = min(15, trunc((x - mn) * id + 0.5))            -> x' = q * fp16(d) + fp16(mn)
+    Q5_0: as Q4_0 with d = amax / -16, q = min(31, trunc(x * id + 16.5))  -> x' = (q - 16) * fp16(d)
+    Q5_1: as Q4_1 with d = (mx - mn) / 31, q in 0..31
     Q8_0: d = max|x| / 127,  id = 1/d (0 if d == 0)
           q = roundf(x * id)  (half away from zero)          -> x' = q * fp16(d)
 
@@ -24,6 +27,8 @@ Block bytes (:meth:`GGMLTensor.packed`), little-endian, blocks in row-major orde
 
     Q4_0 (18 bytes): fp16 d, 16 bytes: low nibble of byte j = q[j], high nibble = q[j + 16]
     Q4_1 (20 bytes): fp16 d, fp16 m, 16 nibble bytes as Q4_0
+    Q5_0 (22 bytes): fp16 d, 4 bytes qh (bit j = bit 4 of q[j], little-endian), 16 nibble bytes as Q4_0
+    Q5_1 (24 bytes): fp16 d, fp16 m, qh, 16 nibble bytes
     Q8_0 (34 bytes): fp16 d, 32 int8 q
 
 Speed: about 10 element-wise passes per block (min/max instead of numpy's abs + argmax, the argmax
@@ -45,37 +50,51 @@ from dataclasses import dataclass
 import torch
 
 from compress.quant.base import QuantizedTensor, check_float_matrix
+from compress.quant.kquants import K_TYPE_IDS, K_TYPE_SIZES, K_TYPES, QK_K, KQuantTensor, quantize_kquant
 
-BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
-GGML_TYPES = ("q4_0", "q4_1", "q8_0")
-# bytes per 32-element block
-TYPE_SIZES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+BLOCK = 32  # QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0
+LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+GGML_TYPES = (*LEGACY_TYPES, *K_TYPES)
+# bytes per block (32 elements; 256 for the K-quants)
+TYPE_SIZES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34, **K_TYPE_SIZES}
 # gguf.GGMLQuantizationType values (ggml.h), so callers need not import gguf
-GGML_TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}
+GGML_TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, **K_TYPE_IDS}
 CHUNK_BLOCKS = 1 << 15  # 32768 blocks (4 MB of float32) per step: intermediates stay in cache
+
+
+# llama.cpp's K-quant file types (llama-quantize's Q4_K_S ... Q6_K): a mixture of tensor types chosen per tensor
+# (compress.formats.gguf_writer.llama_cpp_type); each names its base type
+K_MIXTURES = {"q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
 
 
 @dataclass(frozen=True)
 class GGMLConfig:
-    """A llama.cpp block quantization type: ``"q4_0"``, ``"q4_1"`` or ``"q8_0"`` (blocks of 32)."""
+    """A llama.cpp quantization: a block type ``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"``, ``"q8_0"`` (blocks
+    of 32) or ``"q4_k"``, ``"q5_k"``, ``"q6_k"`` (super-blocks of 256), or a K-quant file type (``"q4_k_m"``...,
+    see ``K_MIXTURES``), whose tensors take its base type unless the file's recipe says otherwise."""
 
     qtype: str = "q4_0"
 
     def __post_init__(self) -> None:
-        if self.qtype not in GGML_TYPES:
-            raise ValueError(f"ggml type must be one of {', '.join(GGML_TYPES)}, got {self.qtype!r}")
+        if self.qtype not in GGML_TYPES and self.qtype not in K_MIXTURES:
+            raise ValueError(f"ggml type must be one of {', '.join((*GGML_TYPES, *K_MIXTURES))}, got {self.qtype!r}")
+
+    @property
+    def tensor_type(self) -> str:
+        """The block type one tensor is quantized to (a file type's base type)."""
+        return K_MIXTURES.get(self.qtype, self.qtype)
 
     @property
     def block_size(self) -> int:
-        return BLOCK
+        return ggml_block_size(self.tensor_type)
 
 
 @dataclass
 class GGMLTensor(QuantizedTensor):
     """A tensor quantized to a llama.cpp block type. With ``n_blocks = numel // 32`` (row-major):
 
-    codes: uint8 [*shape] in 0..15 (Q4_0, Q4_1) or int8 [*shape] in -127..127 (Q8_0), one per element;
-    d: float16 [n_blocks] block scales; m: float16 [n_blocks] block minimums (Q4_1 only).
+    codes: uint8 [*shape] in 0..15 (Q4_0, Q4_1), 0..31 (Q5_0, Q5_1) or int8 [*shape] in -127..127 (Q8_0),
+    one per element; d: float16 [n_blocks] block scales; m: float16 [n_blocks] block minimums (Q4_1, Q5_1).
     """
 
     codes: torch.Tensor
@@ -95,9 +114,9 @@ class GGMLTensor(QuantizedTensor):
         """x' in float32 exactly as ``gguf.quants.dequantize`` computes it, then cast to ``dtype``."""
         d = self.d.float().unsqueeze(1)
         q = self.codes.reshape(-1, BLOCK)
-        if self.qtype == "q4_0":
-            out = d * (q.to(torch.int16) - 8).float()
-        elif self.qtype == "q4_1":
+        if self.qtype in ("q4_0", "q5_0"):
+            out = d * (q.to(torch.int16) - (8 if self.qtype == "q4_0" else 16)).float()
+        elif self.qtype in ("q4_1", "q5_1"):
             assert self.m is not None
             out = d * q.float() + self.m.float().unsqueeze(1)
         else:
@@ -116,11 +135,16 @@ class GGMLTensor(QuantizedTensor):
             out[:, 2:] = self.codes.reshape(n, BLOCK).view(torch.uint8)
         else:
             start = 2
-            if self.qtype == "q4_1":
-                assert self.m is not None
+            if self.m is not None:
                 out[:, 2:4] = self.m.contiguous().view(torch.uint8).reshape(n, 2)
                 start = 4
             q = self.codes.reshape(n, 2, BLOCK // 2)
+            if self.qtype in ("q5_0", "q5_1"):  # bit 4 of every code, little-endian, then the low nibbles
+                high = q.reshape(n, 4, 8).bitwise_right_shift(4)
+                weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=q.device)
+                out[:, start:start + 4] = (high * weights).sum(-1, dtype=torch.uint8)
+                start += 4
+                q = q & 0x0F
             torch.bitwise_left_shift(q[:, 1], 4, out=out[:, start:]).bitwise_or_(q[:, 0])
         return out.reshape(*self.shape[:-1], self.shape[-1] // BLOCK * size)
 
@@ -166,26 +190,28 @@ def _signed_absmax(x: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor) -> torch
     return out
 
 
-def _q4_0(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """Fill ``codes`` [nb, 32] uint8 for blocks x [nb, 32] float32; return the float32 scales."""
+def _symmetric(x: torch.Tensor, codes: torch.Tensor, half: int) -> tuple[torch.Tensor, None]:
+    """Q4_0 (half = 8) and Q5_0 (half = 16): fill ``codes`` [nb, 32] uint8 for blocks x [nb, 32] float32;
+    return the float32 scales."""
     mx, mn = x.amax(dim=1), x.amin(dim=1)
-    d = _signed_absmax(x, mx, mn) / -8.0
+    d = _signed_absmax(x, mx, mn) / float(-half)
     inv = _reciprocal(d)
-    v = torch.mul(x, inv.unsqueeze(1)).add_(8.5)  # two roundings, as the reference (no FMA)
+    v = torch.mul(x, inv.unsqueeze(1)).add_(half + 0.5)  # two roundings, as the reference (no FMA)
     if not _all_finite(d, inv):
         v = _zero_non_finite(v)
-    codes.copy_(v.clamp_(0.0, 15.0))  # float -> uint8 truncates: min(15, trunc(v))
+    codes.copy_(v.clamp_(0.0, 2.0 * half - 1))  # float -> uint8 truncates: min(2*half - 1, trunc(v))
     return d, None
 
 
-def _q4_1(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine(x: torch.Tensor, codes: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1 (levels = 15) and Q5_1 (levels = 31): codes, scales and minimums."""
     mx, mn = x.amax(dim=1), x.amin(dim=1)
-    d = (mx - mn) / 15.0
+    d = (mx - mn) / float(levels)
     inv = _reciprocal(d)
     v = torch.sub(x, mn.unsqueeze(1)).mul_(inv.unsqueeze(1)).add_(0.5)
     if not _all_finite(d, inv, mn):
         v = _zero_non_finite(v)
-    codes.copy_(v.clamp_(0.0, 15.0))
+    codes.copy_(v.clamp_(0.0, float(levels)))
     return d, mn
 
 
@@ -206,23 +232,27 @@ def _q8_0(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, None]:
     return d, None
 
 
-_KERNELS = {"q4_0": _q4_0, "q4_1": _q4_1, "q8_0": _q8_0}
+_KERNELS = {"q4_0": lambda x, c: _symmetric(x, c, 8), "q4_1": lambda x, c: _affine(x, c, 15),
+            "q5_0": lambda x, c: _symmetric(x, c, 16), "q5_1": lambda x, c: _affine(x, c, 31), "q8_0": _q8_0}
 
 
-def quantize_ggml(W: torch.Tensor, config: GGMLConfig = GGMLConfig()) -> GGMLTensor:
-    """Quantize W (float16/bfloat16/float32, last dimension a multiple of 32) to a llama.cpp type.
+def quantize_ggml(W: torch.Tensor, config: GGMLConfig = GGMLConfig()) -> GGMLTensor | KQuantTensor:
+    """Quantize W (float16/bfloat16/float32, last dimension a multiple of the block) to a llama.cpp type.
 
-    Bytes identical to ``gguf.quants.quantize(W.float().numpy(), GGMLQuantizationType.<TYPE>)``.
-    Raises ValueError when the rows are not whole blocks. NaN weights are not supported (the
-    result is unspecified, as in llama.cpp).
+    Bytes identical to ``gguf.quants.quantize(W.float().numpy(), GGMLQuantizationType.<TYPE>)`` for the
+    32-element types, and to llama.cpp's ``quantize_row_<type>_ref`` for the K-quants. Raises ValueError
+    when the rows are not whole blocks. NaN weights are not supported (the result is unspecified, as in
+    llama.cpp).
     """
-    qtype = config.qtype
+    qtype = config.tensor_type
+    if qtype in K_TYPES:
+        return quantize_kquant(W, qtype)
     _check(W, qtype)
     flat = W.reshape(-1, BLOCK)
     n = flat.shape[0]
     codes = torch.empty((n, BLOCK), dtype=torch.int8 if qtype == "q8_0" else torch.uint8, device=W.device)
     d = torch.empty(n, dtype=torch.float16, device=W.device)
-    m = torch.empty(n, dtype=torch.float16, device=W.device) if qtype == "q4_1" else None
+    m = torch.empty(n, dtype=torch.float16, device=W.device) if qtype in ("q4_1", "q5_1") else None
     kernel = _KERNELS[qtype]
     for start in range(0, n, CHUNK_BLOCKS):
         stop = min(start + CHUNK_BLOCKS, n)
@@ -248,21 +278,31 @@ def quantize_q8_0(W: torch.Tensor) -> GGMLTensor:
     return quantize_ggml(W, GGMLConfig("q8_0"))
 
 
+def ggml_block_size(qtype: str) -> int:
+    """Elements per block of ``qtype``: 256 for the K-quants, 32 for the others."""
+    return QK_K if qtype in K_TYPES else BLOCK
+
+
 def ggml_nbytes(shape: tuple[int, ...], qtype: str) -> int:
     """Bytes a tensor of ``shape`` takes in ``qtype`` (rows must be whole blocks)."""
-    if not shape or shape[-1] % BLOCK:
-        raise ValueError(f"{qtype.upper()} needs rows that are a multiple of {BLOCK}, got shape {tuple(shape)}")
+    block = ggml_block_size(qtype)
+    if not shape or shape[-1] % block:
+        raise ValueError(f"{qtype.upper()} needs rows that are a multiple of {block}, got shape {tuple(shape)}")
     n = 1
     for s in shape:
         n *= s
-    return n // BLOCK * TYPE_SIZES[qtype]
+    return n // block * TYPE_SIZES[qtype]
 
 
 __all__ = [
     "BLOCK",
     "GGML_TYPES",
+    "K_MIXTURES",
+    "LEGACY_TYPES",
     "GGMLConfig",
     "GGMLTensor",
+    "KQuantTensor",
+    "ggml_block_size",
     "ggml_nbytes",
     "quantize_ggml",
     "quantize_q4_0",

@@ -1,0 +1,368 @@
+"""llama.cpp's K-quants Q4_K, Q5_K and Q6_K, byte-identical to ``quantize_row_q{4,5,6}_K_ref``.
+
+Reference: llama.cpp ``ggml/src/ggml-quants.c`` (``make_qkx2_quants``, ``make_qx_quants``,
+``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref``, ``quantize_row_q6_K_ref``): what
+``llama-quantize`` runs when no importance matrix is given. Rows are cut into super-blocks of 256.
+
+    Q4_K / Q5_K: 8 sub-blocks of 32, x ~ d_j * q - m_j with q in 0..15 (0..31). Per sub-block, weights
+      w = sqrt(mean(x^2)) + |x| and a search over 21 (16) candidate scales, each refitted by weighted
+      least squares for scale and minimum (``make_qkx2_quants``), picks the smallest weighted squared
+      error. The 8 scales and 8 minimums are then quantized to 6 bits against the super-block's
+      largest (fp16 ``d``, ``dmin``), and the codes recomputed with the rounded scales.
+    Q6_K: 16 sub-blocks of 16, x ~ d_j * (q - 32), q in 0..63; per sub-block a search over 19
+      candidate scales by x^2-weighted least squares (``make_qx_quants``, rmse_type 1); the scales are
+      stored as int8 against the fp16 super-block scale ``d``.
+
+Exactness: every float32 operation is done in the reference's order. Element-wise steps are
+vectorised over all sub-blocks at once; the reference's running sums (``sum += w * x``) are
+accumulated column by column, in order, never with a tree reduction (whose rounding differs). The
+reference is compiled without FMA contraction (checked: the x86-64 ``libggml-base`` has no FMA
+instructions), so ``a*b + c`` rounds twice here too. ``nearest_int`` (adding 1.5 * 2^23) is
+round-half-to-even, which ``torch.round`` is. ``sqrtf`` is taken in float64 and rounded once (float32
+``torch.sqrt`` is off by an ulp for some inputs).
+
+Block bytes (little-endian), super-blocks in row-major order:
+
+    Q4_K (144): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+    Q5_K (176): fp16 d, fp16 dmin, 12 bytes of scales and mins, 32 bytes of high bits, 128 of nibbles
+    Q6_K (210): 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, fp16 d
+
+Cost: about 3,000 element-wise passes per Q4_K tensor (21 candidate scales x 32-step running sums)
+over vectors of n/32 sub-blocks; a 4096x4096 matrix takes a few seconds on one core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.quant.base import QuantizedTensor, check_float_matrix
+
+QK_K = 256
+K_TYPES = ("q4_k", "q5_k", "q6_k")
+K_TYPE_SIZES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+K_TYPE_IDS = {"q4_k": 12, "q5_k": 13, "q6_k": 14}  # gguf.GGMLQuantizationType
+GROUP_MAX_EPS = 1e-15
+CHUNK_SUPERBLOCKS = 1 << 12  # 4096 super-blocks (4 MiB of float32) per step
+
+
+@dataclass
+class KQuantTensor(QuantizedTensor):
+    """A tensor in a K-quant type, held as its GGUF bytes: ``blocks`` uint8 [n_superblocks, type_size]."""
+
+    blocks: torch.Tensor
+    qtype: str
+
+    @property
+    def n_blocks(self) -> int:
+        return self.numel // QK_K
+
+    @property
+    def ggml_type_id(self) -> int:
+        return K_TYPE_IDS[self.qtype]
+
+    def storage_bits(self) -> int:
+        return 8 * K_TYPE_SIZES[self.qtype] * self.n_blocks
+
+    def packed(self) -> torch.Tensor:
+        """The GGUF bytes: uint8 ``[*shape[:-1], shape[-1] // 256 * type_size]``."""
+        return self.blocks.reshape(*self.shape[:-1], self.shape[-1] // QK_K * K_TYPE_SIZES[self.qtype])
+
+    def to_bytes(self) -> bytes:
+        return self.packed().cpu().numpy().tobytes()
+
+    def _fp16(self, start: int) -> torch.Tensor:
+        return self.blocks[:, start:start + 2].contiguous().view(torch.float16).squeeze(1)
+
+    def scales_finite(self) -> bool:
+        """Whether the fp16 super-block scales are finite (false for NaN/inf weights or overflow)."""
+        if self.qtype == "q6_k":
+            return bool(torch.isfinite(self._fp16(208)).all())
+        return bool(torch.isfinite(self._fp16(0)).all() and torch.isfinite(self._fp16(2)).all())
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x' in float32 as llama.cpp's ``dequantize_row_*`` computes it, then cast to ``dtype``."""
+        b = self.blocks
+        if self.qtype == "q6_k":
+            d = self._fp16(208).float()
+            scales = b[:, 192:208].view(torch.int8).float()  # [n, 16]
+            q = _unpack_q6(b[:, :128], b[:, 128:192]).to(torch.int16) - 32  # [n, 256]
+            out = (d.unsqueeze(1) * scales).repeat_interleave(16, dim=1) * q.float()
+        else:
+            d, dmin = self._fp16(0).float(), self._fp16(2).float()
+            sc, m = _unpack_scale_min(b[:, 4:16])  # [n, 8] each
+            if self.qtype == "q4_k":
+                q = _unpack_nibbles(b[:, 16:144])
+            else:
+                q = _unpack_nibbles(b[:, 48:176]) | (_unpack_high_bits(b[:, 16:48]) << 4)
+            scale = (d.unsqueeze(1) * sc.float()).repeat_interleave(32, dim=1)
+            offset = (dmin.unsqueeze(1) * m.float()).repeat_interleave(32, dim=1)
+            out = scale * q.float() - offset
+        return out.reshape(self.shape).to(dtype or self.dtype)
+
+
+# --- the reference's arithmetic ------------------------------------------------------------------------
+
+
+def _running_sum(terms: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """``s = start; for i: s += terms[:, i]`` in float32, in order (``start`` None: begin at 0.0)."""
+    columns = terms.t().contiguous()
+    total = torch.zeros_like(columns[0]) if start is None else start.clone()
+    for column in columns:
+        total.add_(column)
+    return total
+
+
+def _over(numerator: float, t: torch.Tensor) -> torch.Tensor:
+    """``numerator / t`` as one IEEE float32 division (``63.0 / t`` in torch is ``63 * (1 / t)``: two roundings)."""
+    return torch.full_like(t, numerator) / t
+
+
+def _nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's ``nearest_int``: round half to even (exact for |v| < 2^22), as float32."""
+    return torch.round(v)
+
+
+def _make_qkx2(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+               nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``make_qkx2_quants`` (use_mad false) on sub-blocks x, weights [N, n] float32.
+
+    Returns codes L [N, n] (float32 holding 0..nmax), scale [N] and the_min [N] (x ~ scale * L - the_min).
+    """
+    f32 = torch.float32
+    mn = torch.minimum(x.amin(dim=1), torch.zeros((), dtype=f32))  # if (min > 0) min = 0
+    mx = x.amax(dim=1)
+    sum_w = _running_sum(weights[:, 1:], weights[:, 0])
+    sum_x = _running_sum(weights[:, 1:] * x[:, 1:], weights[:, 0] * x[:, 0])
+    flat = mx == mn  # then L = 0, the_min = -min, scale 0
+    span = torch.where(flat, torch.ones_like(mx), mx - mn)
+    iscale = _over(float(nmax), span)
+    scale = _over(1.0, iscale)
+    shifted = x - mn.unsqueeze(1)
+    L = _nearest_int(iscale.unsqueeze(1) * shifted).clamp_(0, nmax)
+    diff = (scale.unsqueeze(1) * L + mn.unsqueeze(1)) - x
+    best_error = _running_sum(weights * (diff * diff))
+    best_scale, best_min = scale, mn.clone()
+    for step in range(nstep + 1):
+        # the reference's loop reads ``min`` after each improvement: later candidates start from the refitted
+        # minimum (span and shift move with it)
+        span = torch.where(flat, torch.ones_like(mx), mx - best_min)
+        shifted = x - best_min.unsqueeze(1)
+        numerator = torch.tensor(rmin, dtype=f32) + torch.tensor(rdelta, dtype=f32) * float(step)
+        iscale = (numerator + float(nmax)) / span
+        Laux = _nearest_int(iscale.unsqueeze(1) * shifted).clamp_(0, nmax)
+        wl = weights * Laux
+        sum_l = _running_sum(wl)
+        sum_l2 = _running_sum(wl * Laux)
+        sum_xl = _running_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        safe_D = torch.where(ok, D, torch.ones_like(D))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_D
+        positive = this_min > 0
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 == 0, torch.ones_like(sum_l2), sum_l2),
+                                 this_scale)
+        diff = (this_scale.unsqueeze(1) * Laux + this_min.unsqueeze(1)) - x
+        cur_error = _running_sum(weights * (diff * diff))
+        better = ok & (cur_error < best_error)
+        L = torch.where(better.unsqueeze(1), Laux, L)
+        best_error = torch.where(better, cur_error, best_error)
+        best_scale = torch.where(better, this_scale, best_scale)
+        best_min = torch.where(better, this_min, best_min)
+    L = torch.where(flat.unsqueeze(1), torch.zeros_like(L), L)
+    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+    best_min = torch.where(flat, mn, best_min)
+    return L, best_scale, -best_min
+
+
+def _make_qx_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`` on sub-blocks x [N, n]: codes L (float32, 0..2*nmax-1)
+    and the scale [N]."""
+    ax = x.abs()
+    amax = ax.amax(dim=1)
+    first = (ax == amax.unsqueeze(1)).to(torch.uint8).argmax(dim=1, keepdim=True)  # the first largest |x|
+    signed_max = torch.gather(x, 1, first).squeeze(1)
+    zero = amax < GROUP_MAX_EPS
+    safe_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
+    w = x * x
+
+    def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        levels = _nearest_int(iscale.unsqueeze(1) * x).clamp_(-nmax, nmax - 1)
+        return levels, _running_sum((w * x) * levels), _running_sum((w * levels) * levels)
+
+    levels, sumlx, suml2 = fit(_over(float(-nmax), safe_max))
+    L = levels + nmax
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 == 0, torch.ones_like(suml2), suml2),
+                        torch.zeros_like(suml2))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        candidate = torch.tensor(float(nmax), dtype=torch.float32) + torch.tensor(0.1, dtype=torch.float32) * step
+        levels, sumlx, suml2 = fit(-candidate / safe_max)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = torch.where(better.unsqueeze(1), levels + nmax, L)
+        new_scale = sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2))
+        scale = torch.where(better, new_scale, scale)
+        best = torch.where(better, scale * sumlx, best)
+    L = torch.where(zero.unsqueeze(1), torch.zeros_like(L), L)
+    return L, torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _to_uint8_wrapping(v: torch.Tensor) -> torch.Tensor:
+    """C's ``(uint8_t) int``: the low byte (negative values wrap)."""
+    return v.to(torch.int32).bitwise_and(0xFF).to(torch.uint8)
+
+
+def _pack_scale_min(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """The 12 scale bytes of Q4_K/Q5_K from 6-bit scales ls and mins lm, uint8 [n, 8] each."""
+    out = torch.empty((ls.shape[0], 12), dtype=torch.uint8, device=ls.device)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return out
+
+
+def _unpack_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``get_scale_min_k4`` for j = 0..7: uint8 [n, 8] scales and mins from the 12 bytes [n, 12]."""
+    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)
+    m = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
+    return sc, m
+
+
+def _pack_nibbles(L: torch.Tensor) -> torch.Tensor:
+    """[n, 256] codes -> [n, 128]: in each 64-element chunk, byte l = L[l] | L[l + 32] << 4."""
+    q = L.reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    q = qs.reshape(-1, 4, 1, 32)
+    return torch.cat([q & 0xF, q >> 4], dim=2).reshape(-1, 256)
+
+
+def _pack_high_bits(L: torch.Tensor) -> torch.Tensor:
+    """Q5_K's 32 bytes of fifth bits: bit 2c (2c+1) of byte j is bit 4 of L[64c + j] (L[64c + 32 + j])."""
+    high = (L >> 4).reshape(-1, 8, 32)  # [n, 2c + half, j]
+    shifts = torch.arange(8, dtype=torch.uint8, device=L.device).reshape(1, 8, 1)
+    return (high << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device).reshape(1, 8, 1)
+    return ((qh.unsqueeze(1) >> shifts) & 1).reshape(-1, 256)
+
+
+def _pack_q6(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K's ql [n, 128] and qh [n, 64] from codes [n, 256] in 0..63."""
+    q = L.reshape(-1, 2, 4, 32)  # [n, 128-chunk, quarter, l]
+    low = q & 0xF
+    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], dim=2)
+    high = q >> 4
+    qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+    return ql.reshape(-1, 128), qh.reshape(-1, 64)
+
+
+def _unpack_q6(ql: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
+    lo = ql.reshape(-1, 2, 2, 32)  # [n, chunk, byte-half, l]
+    hi = qh.reshape(-1, 2, 1, 32)
+    quarters = [(lo[:, :, 0] & 0xF), (lo[:, :, 1] & 0xF), (lo[:, :, 0] >> 4), (lo[:, :, 1] >> 4)]
+    out = [quarters[k] | (((hi[:, :, 0] >> (2 * k)) & 3) << 4) for k in range(4)]
+    return torch.stack(out, dim=2).reshape(-1, 256)
+
+
+def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
+
+
+# --- the three types -----------------------------------------------------------------------------------
+
+
+def _q45_k(x: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Q4_K (nmax 15) or Q5_K (nmax 31) bytes for super-blocks x [n, 256] float32."""
+    n = x.shape[0]
+    sub = x.reshape(n * 8, 32)
+    sum_x2 = _running_sum(sub * sub)
+    # float32 torch.sqrt is not correctly rounded on every CPU path (about 0.6% of values differ by an ulp
+    # here); the square root in float64, rounded once to float32, is (53 >= 2 * 24 + 2 bits) and equals sqrtf
+    av_x = torch.sqrt((sum_x2 / 32.0).double()).float()
+    weights = av_x.unsqueeze(1) + sub.abs()
+    if nmax == 15:
+        L, scales, mins = _make_qkx2(sub, weights, 15, -1.0, 0.1, 20)
+    else:
+        L, scales, mins = _make_qkx2(sub, weights, 31, -0.5, 0.1, 15)
+    scales, mins, L = scales.reshape(n, 8), mins.reshape(n, 8), L.reshape(n, 8, 32)
+    zero = torch.zeros((), dtype=torch.float32)
+    max_scale = torch.maximum(scales.amax(dim=1), zero)  # running max from 0
+    max_min = torch.maximum(mins.amax(dim=1), zero)
+    inv_scale = torch.where(max_scale > 0, _over(63.0, torch.where(max_scale > 0, max_scale, 1.0)), zero)
+    inv_min = torch.where(max_min > 0, _over(63.0, torch.where(max_min > 0, max_min, 1.0)), zero)
+    ls = torch.clamp(_to_uint8_wrapping(_nearest_int(inv_scale.unsqueeze(1) * scales)), max=63)
+    lm = torch.clamp(_to_uint8_wrapping(_nearest_int(inv_min.unsqueeze(1) * mins)), max=63)
+    d16 = (max_scale / 63.0).to(torch.float16)
+    dmin16 = (max_min / 63.0).to(torch.float16)
+    d = d16.float().unsqueeze(1) * ls.float()  # [n, 8]
+    dm = dmin16.float().unsqueeze(1) * lm.float()
+    live = d != 0  # where d == 0 the codes of make_qkx2_quants stay
+    safe_d = torch.where(live, d, torch.ones_like(d))
+    requant = _nearest_int((x.reshape(n, 8, 32) + dm.unsqueeze(2)) / safe_d.unsqueeze(2)).clamp_(0, nmax)
+    codes = torch.where(live.unsqueeze(2), requant, L).reshape(n, 256).to(torch.uint8)
+    parts = [_fp16_bytes(d16), _fp16_bytes(dmin16), _pack_scale_min(ls, lm)]
+    if nmax == 31:
+        parts.append(_pack_high_bits(codes))
+        codes = codes & 0xF
+    parts.append(_pack_nibbles(codes))
+    return torch.cat(parts, dim=1)
+
+
+def _q6_k(x: torch.Tensor) -> torch.Tensor:
+    """Q6_K bytes for super-blocks x [n, 256] float32."""
+    n = x.shape[0]
+    L, scales = _make_qx_rmse1(x.reshape(n * 16, 16), 32)
+    L, scales = L.reshape(n, 16, 16), scales.reshape(n, 16)
+    abs_scales = scales.abs()
+    first = (abs_scales == abs_scales.amax(dim=1, keepdim=True)).to(torch.uint8).argmax(dim=1, keepdim=True)
+    max_scale = torch.gather(scales, 1, first).squeeze(1)
+    max_abs_scale = abs_scales.amax(dim=1)
+    empty = max_abs_scale < GROUP_MAX_EPS  # the whole super-block is stored as zeros
+    safe_max = torch.where(empty, torch.ones_like(max_scale), max_scale)
+    iscale = _over(-128.0, safe_max)
+    d16 = _over(1.0, iscale).to(torch.float16)
+    sc = torch.clamp(_nearest_int(iscale.unsqueeze(1) * scales), max=127)  # -128..127
+    d = d16.float().unsqueeze(1) * sc
+    live = d != 0
+    safe_d = torch.where(live, d, torch.ones_like(d))
+    requant = _nearest_int(x.reshape(n, 16, 16) / safe_d.unsqueeze(2)).clamp_(-32, 31) + 32
+    codes = torch.where(live.unsqueeze(2), requant, L).reshape(n, 256).to(torch.uint8)
+    ql, qh = _pack_q6(codes)
+    out = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d16)], dim=1)
+    out[empty] = 0
+    return out
+
+
+_KERNELS = {"q4_k": lambda x: _q45_k(x, 15), "q5_k": lambda x: _q45_k(x, 31), "q6_k": _q6_k}
+
+
+def quantize_kquant(W: torch.Tensor, qtype: str) -> KQuantTensor:
+    """Quantize W (float16/bfloat16/float32; last dimension a multiple of 256) to ``qtype`` (q4_k, q5_k or q6_k).
+
+    Bytes identical to llama.cpp's ``quantize_row_<type>_ref`` on ``W.float()``. Raises ValueError when
+    the rows are not whole super-blocks.
+    """
+    if qtype not in K_TYPES:
+        raise ValueError(f"K-quant type must be one of {', '.join(K_TYPES)}, got {qtype!r}")
+    check_float_matrix(W)
+    if W.dim() == 0 or W.shape[-1] % QK_K:
+        raise ValueError(f"{qtype.upper()} needs rows (the last dimension) that are a multiple of {QK_K}, "
+                         f"got shape {tuple(W.shape)}")
+    flat = W.reshape(-1, QK_K)
+    n = flat.shape[0]
+    blocks = torch.empty((n, K_TYPE_SIZES[qtype]), dtype=torch.uint8, device=W.device)
+    kernel = _KERNELS[qtype]
+    for start in range(0, n, CHUNK_SUPERBLOCKS):
+        stop = min(start + CHUNK_SUPERBLOCKS, n)
+        blocks[start:stop] = kernel(flat[start:stop].float())
+    return KQuantTensor(shape=tuple(W.shape), dtype=W.dtype, blocks=blocks, qtype=qtype)
