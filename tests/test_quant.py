@@ -160,7 +160,7 @@ def test_int4_error_on_gaussian_weights(group: int, sym: bool, bound: float) -> 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quantizers_return_callers_dtype_and_shape(dtype: torch.dtype) -> None:
-    W = torch.randn(16, 96).to(dtype)
+    W = torch.randn(16, 256).to(dtype)  # whole blocks for every method (the K-quants need 256)
     for name in METHODS:
         cfg = make_config(name, block_size=32, group_size=32)
         q = METHODS[name].quantize(W, cfg)

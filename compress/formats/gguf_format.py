@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from compress.formats.base import ExportFormat
+from compress.quant import GGML_METHODS
 
 
 class GgufFormat(ExportFormat):
     name = "gguf"
-    summary = ("llama.cpp GGUF file (Llama architecture): Linear weights in Q4_0/Q4_1/Q8_0, llama.cpp names "
-               "and metadata, tokenizer carried over; llama.cpp, llama-cpp-python, Ollama, transformers")
-    methods = ("q4_0", "q4_1", "q8_0")
+    summary = ("llama.cpp GGUF file (Llama architecture): llama-quantize's file types (Q4_0 ... Q8_0, Q4_K_M ...), "
+               "llama.cpp names and metadata, tokenizer carried over; llama.cpp, llama-cpp-python, Ollama, "
+               "transformers")
+    methods = GGML_METHODS
     container = "file"

@@ -15,17 +15,22 @@ into one ``.gguf`` file the way llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaMo
 - **Q/K permutation**: ``attn_q`` / ``attn_k`` rows are permuted with
   :func:`~compress.formats.gguf_reader.permute_qk` (llama.cpp's ``LlamaModel.permute``), which
   :class:`GGUFReader` undoes exactly;
-- **types** (``method``): Linear weights in ``q4_0`` / ``q4_1`` / ``q8_0`` (our bit-exact port of
-  llama.cpp's quantizers, :mod:`compress.quant.ggml`), ``f16`` or ``f32``; norms and every 1-D tensor
-  in F32, as llama.cpp requires. A 2-D tensor whose rows are not whole 32-element blocks falls back to
-  F16 (what ``convert_hf_to_gguf.py`` does), with a note.
-- **embeddings** (the choice the brief left open): with a 4-bit method, ``output.weight`` -- and
-  ``token_embd.weight`` when it is tied to the output -- is written as Q8_0. llama.cpp's own
-  ``llama-quantize`` keeps the output projection at 6 bits or more (Q6_K, falling back to Q8_0 when
-  rows are not multiples of 256, as in the SmolLM2 Q4_1 file we test with), because it dominates the
-  quality loss; we cannot write K-quants, so Q8_0. An untied ``token_embd`` (a lookup table, not a
-  matmul) takes the method's type, as ``llama-quantize`` does. ``embeddings_type=`` overrides both.
-  ``q8_0``, ``f16`` and ``f32`` use their type everywhere.
+- **types** (``method``): a llama.cpp file type (``q4_0`` ... ``q8_0``, ``q4_k_s`` ... ``q6_k``) gives
+  each 2-D weight the type ``llama-quantize`` would (:func:`llama_cpp_type`, a port of
+  ``llama_tensor_get_type`` for Llama without an importance matrix), quantized by our bit-exact ports
+  of llama.cpp's quantizers (:mod:`compress.quant.ggml`, :mod:`compress.quant.kquants`); the file is
+  byte-identical to ``llama-quantize`` run on the F32 export. ``f16`` / ``f32`` use their type
+  everywhere. Norms and every 1-D tensor are F32, as llama.cpp requires.
+- **embeddings**: as ``llama-quantize``: ``output.weight`` -- and ``token_embd.weight`` when it is tied
+  to the output -- at Q6_K (Q8_0 for ``q8_0``, or when rows are not whole blocks of the method's type,
+  as in SmolLM2 with 576 columns), because the output projection dominates the quality loss; an
+  untied ``token_embd`` (a lookup table, not a matmul) takes the method's type. ``embeddings_type=``
+  overrides both.
+- **recipe** of the K-quant mixtures: ``q4_k_m`` / ``q5_k_m`` put ``attn_v`` and ``ffn_down`` of
+  the first and last eighth of the layers and of every third layer between in Q6_K; ``q4_k_s`` puts
+  the first four ``attn_v`` and the first eighth of ``ffn_down`` in Q5_K. A tensor whose rows are not
+  whole 256-element super-blocks falls back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1,
+  Q6_K -> Q8_0), and rows that are not whole 32-element blocks to F16, each with a note.
 - **RoPE scaling**: ``linear`` -> ``llama.rope.scaling.type/factor``; ``llama3`` (Llama 3.1+) -> the
   ``rope_freqs.weight`` tensor computed as ``convert_hf_to_gguf.py`` does; a GGUF input's
   ``llama.rope.scaling.*`` keys and ``rope_freqs.weight`` tensor are copied. Other scaling types
@@ -67,14 +72,26 @@ from compress.errors import InputError, OptionError, OutputError
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
 from compress.formats.gguf_reader import LLAMA_GLOBAL_NAMES, LLAMA_LAYER_NAMES, permute_qk
 from compress.metrics import ErrorMetrics, compare
-from compress.quant.ggml import BLOCK, GGML_TYPES, GGMLConfig, GGMLTensor, ggml_nbytes, quantize_ggml
+from compress.quant.ggml import (
+    GGML_TYPES,
+    K_MIXTURES,
+    GGMLConfig,
+    GGMLTensor,
+    ggml_block_size,
+    ggml_nbytes,
+    quantize_ggml,
+)
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("q4_0", "q4_1", "q8_0", "f16", "f32")
+METHODS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "f16", "f32")
 TOKENIZER_MODES = ("auto", "none")
+TENSOR_TYPES = (*GGML_TYPES, "f16", "f32")
 # method -> gguf.LlamaFileType value (general.file_type)
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14, "q4_k_m": 15,
+              "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+# llama-quantize's fallback when rows are not whole 256-element super-blocks (tensor_type_fallback)
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 GGML_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION, written by every llama.cpp converter
 
 # Hugging Face name -> GGUF name: the inverse of the reader's maps, plus biases (optional in llama.cpp).
@@ -205,7 +222,7 @@ class PlannedTensor:
     source: str | None  # Hugging Face name in the reader (None: generated or copied)
     name: str  # GGUF name
     shape: tuple[int, ...]  # torch order (GGUF lists it reversed)
-    qtype: str  # "q4_0" | "q4_1" | "q8_0" | "f16" | "f32"
+    qtype: str  # a tensor type: GGML_TYPES ("q4_0" ... "q6_k"), "f16" or "f32"
     permute_heads: int | None = None
 
     @property
@@ -215,20 +232,49 @@ class PlannedTensor:
         return math.prod(self.shape) * (2 if self.qtype == "f16" else 4)
 
 
-def _default_embeddings_type(method: str, tied: bool) -> tuple[str, str]:
-    """(token_embd type, output type) for ``method`` (see the module docstring)."""
-    if method in ("q4_0", "q4_1"):
-        return ("q8_0" if tied else method), "q8_0"
-    return method, method
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers, and every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def llama_cpp_type(method: str, name: str, columns: int, n_layers: int, tied: bool) -> tuple[str, str | None]:
+    """The type ``llama-quantize`` gives the 2-D weight ``name`` (GGUF name, rows of ``columns``) for file type
+    ``method``, in a Llama model of ``n_layers`` without experts or an importance matrix; plus a note when it
+    had to fall back for the row length. A port of ``llama_tensor_get_type`` (src/llama-quant.cpp) for the
+    file types we write."""
+    base = K_MIXTURES.get(method, method)
+    qtype = base
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        if columns % ggml_block_size(base):
+            qtype = "q8_0"
+        elif base != "q8_0":
+            qtype = "q6_k"
+    elif name.endswith(".attn_v.weight"):
+        if method in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, n_layers):
+            qtype = "q6_k"
+        elif method == "q4_k_s" and layer < 4:
+            qtype = "q5_k"
+    elif name.endswith(".ffn_down.weight"):
+        if method in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, n_layers):
+            qtype = "q6_k"
+        elif method == "q4_k_s" and layer < n_layers // 8:
+            qtype = "q5_k"
+    note = None
+    if columns % ggml_block_size(qtype):
+        chosen = K_FALLBACK.get(qtype, qtype)
+        if columns % ggml_block_size(chosen):
+            chosen = "f16"
+        note = f"{name}: rows of {columns} are not whole {qtype.upper()} blocks; {chosen.upper()} (as llama-quantize)"
+        qtype = chosen
+    return qtype, note
 
 
 def plan_tensors(infos: list[TensorInfo], p: LlamaParams, method: str, embeddings_type: str | None,
                  where: str) -> tuple[list[PlannedTensor], list[str]]:
     """GGUF name, shape and type of every tensor, in the reader's order; plus notes."""
     notes: list[str] = []
-    embd_type, out_type = _default_embeddings_type(method, p.tied)
-    if embeddings_type is not None:
-        embd_type = out_type = embeddings_type
+    fallbacks: list[str] = []
     plan: list[PlannedTensor] = []
     for info in infos:
         if info.name.endswith(_SKIPPED_SUFFIXES):
@@ -246,22 +292,26 @@ def plan_tensors(infos: list[TensorInfo], p: LlamaParams, method: str, embedding
         shape = tuple(info.shape)
         if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
             qtype = "f32"
-        elif name == "token_embd.weight":
-            qtype = embd_type
-        elif name == "output.weight":
-            qtype = out_type
-        else:
+        elif embeddings_type is not None and name in ("token_embd.weight", "output.weight"):
+            qtype = embeddings_type
+            if qtype in GGML_TYPES and shape[-1] % ggml_block_size(qtype):
+                notes.append(f"{name}: rows of {shape[-1]} are not whole {qtype.upper()} blocks; written as F16")
+                qtype = "f16"
+        elif method in ("f16", "f32"):
             qtype = method
-        if qtype in GGML_TYPES and shape[-1] % BLOCK:
-            notes.append(f"{name}: rows of {shape[-1]} are not whole {qtype.upper()} blocks of {BLOCK}; "
-                         "written as F16 (as convert_hf_to_gguf.py does)")
-            qtype = "f16"
+        else:
+            qtype, note = llama_cpp_type(method, name, shape[-1], p.layers, p.tied)
+            if note:
+                fallbacks.append(note)
         permute = None
         if name.endswith((".attn_q.weight", ".attn_q.bias")):
             permute = p.heads
         elif name.endswith((".attn_k.weight", ".attn_k.bias")):
             permute = p.kv_heads
         plan.append(PlannedTensor(info.name, name, shape, qtype, permute))
+    if fallbacks:
+        notes.append(f"{len(fallbacks)} tensors fell back for their row length, as llama-quantize does: "
+                     + "; ".join(fallbacks[:3]) + ("; ..." if len(fallbacks) > 3 else ""))
     names = {t.name for t in plan}
     wanted = ["token_embd.weight", "output_norm.weight"] + ([] if p.tied else ["output.weight"])
     for i in range(p.layers):
@@ -545,8 +595,10 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         reader: any open checkpoint (``open_checkpoint(path)``) of a Llama-architecture model.
         out_file: the ``.gguf`` to write (replaced only with ``force``); written via a temporary file
             beside it and renamed on success.
-        method: type of the Linear weights: ``q4_0``, ``q4_1``, ``q8_0``, ``f16`` or ``f32``.
-        embeddings_type: type of ``token_embd`` and ``output`` (default: see the module docstring).
+        method: a llama.cpp file type (``METHODS``: ``q4_0`` ... ``q6_k``; see the module docstring), ``f16``
+            or ``f32``.
+        embeddings_type: one tensor type (``q4_0`` ... ``q8_0``, ``q4_k``, ``q5_k``, ``q6_k``, ``f16``, ``f32``)
+            for ``token_embd`` and ``output`` (default: llama-quantize's choice).
         tokenizer: ``"auto"`` (carry the tokenizer; error if it cannot be) or ``"none"``.
         name: ``general.name`` (default: the source GGUF's, else the input's folder or file name, as
             ``convert_hf_to_gguf.py`` does; never the output path, so that the bytes do not depend on it).
@@ -554,7 +606,7 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         measure: compute the error of every quantized (or F16-rounded) tensor against its source
             (``metrics`` in its ``tensors`` entry: rel_fro, sqnr_db, max_abs, cosine).
         progress: called with (source name, source bytes) after each tensor is written.
-        quantized: optional hook for Q4_0/Q4_1/Q8_0 tensors: given the planned tensor and its (permuted)
+        quantized: optional hook for quantized tensors: given the planned tensor and its (permuted)
             float values, return ``(GGMLTensor, reference)`` to store that tensor instead of quantizing the
             values (the error is then measured against ``reference``), or None for the normal path.
 
@@ -567,8 +619,8 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
 
     if method not in METHODS:
         raise OptionError(f"GGUF method must be one of {', '.join(METHODS)}, got {method!r}")
-    if embeddings_type is not None and embeddings_type not in METHODS:
-        raise OptionError(f"embeddings type must be one of {', '.join(METHODS)}, got {embeddings_type!r}")
+    if embeddings_type is not None and embeddings_type not in TENSOR_TYPES:
+        raise OptionError(f"embeddings type must be one of {', '.join(TENSOR_TYPES)}, got {embeddings_type!r}")
     if tokenizer not in TOKENIZER_MODES:
         raise OptionError(f"tokenizer must be one of {', '.join(TOKENIZER_MODES)}, got {tokenizer!r}")
     out_file = Path(out_file)

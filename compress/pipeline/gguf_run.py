@@ -64,7 +64,7 @@ def _kept_reason(qtype: str) -> str:
 
 def quantize_to_gguf(reader: CheckpointReader, out: Path, method: str, *, force: bool,
                      progress: Progress | None = None, quantized: Any = None) -> QuantizeReport:
-    """Write ``reader``'s model to ``out`` in ``method`` (q4_0, q4_1, q8_0) and measure every stored tensor.
+    """Write ``reader``'s model to ``out`` in ``method`` (a llama.cpp file type) and measure every stored tensor.
     ``quantized``: export_gguf's hook for tensors the caller quantizes itself."""
     result = export_gguf(reader, out, method, force=force, measure=True, progress=progress, quantized=quantized)
     infos = {i.name: i for i in reader.infos()}

@@ -82,6 +82,24 @@ METHODS: dict[str, QuantMethod] = {
         reference="https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-quants.c",
     ),
 }
+# The rest of llama.cpp's file types; like the three above, each GGUF file follows llama-quantize's per-tensor
+# recipe (output at 6 bits or more, fallbacks for rows that are not whole blocks) and is byte-identical to it.
+_LLAMA_CPP_TYPES = {
+    "q5_0": "llama.cpp Q5_0: 5-bit, one fp16 scale per 32 weights (5.5 bits/weight)",
+    "q5_1": "llama.cpp Q5_1: 5-bit, fp16 scale and minimum per 32 weights (6 bits/weight)",
+    "q4_k_s": "llama.cpp Q4_K_S: Q4_K (super-blocks of 256, 6-bit sub-block scales and minimums; 4.5 bits/weight), "
+              "Q5_K for the first attn_v and ffn_down layers",
+    "q4_k_m": "llama.cpp Q4_K_M: Q4_K, with Q6_K for half of the attn_v and ffn_down layers (llama.cpp's usual "
+              "default)",
+    "q5_k_s": "llama.cpp Q5_K_S: Q5_K (5.5 bits/weight)",
+    "q5_k_m": "llama.cpp Q5_K_M: Q5_K, with Q6_K for half of the attn_v and ffn_down layers",
+    "q6_k": "llama.cpp Q6_K: 6-bit, int8 scales per 16 weights under an fp16 scale per 256 (6.56 bits/weight)",
+}
+for _name, _summary in _LLAMA_CPP_TYPES.items():
+    METHODS[_name] = QuantMethod(name=_name, summary=_summary, config_cls=GGMLConfig, quantize=quantize_ggml,
+                                 default_format="gguf",
+                                 reference="https://github.com/ggml-org/llama.cpp/blob/master/src/llama-quant.cpp")
+GGML_METHODS = ("q4_0", "q4_1", "q8_0", *_LLAMA_CPP_TYPES)
 
 QuantConfig = NF4Config | Int4Config | GGMLConfig
 
@@ -93,8 +111,8 @@ def make_config(method: str, *, block_size: int = 64, double_quant: bool = False
         return NF4Config(block_size=block_size, double_quant=double_quant, quant_type=method)
     if method == "int4":
         return Int4Config(group_size=group_size, symmetric=symmetric)
-    if method in ("q4_0", "q4_1", "q8_0"):
-        return GGMLConfig(method)  # fixed blocks of 32: no options
+    if method in GGML_METHODS:
+        return GGMLConfig(method)  # fixed blocks: no options
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -118,6 +136,7 @@ def config_to_dict(config: QuantConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "GGML_METHODS",
     "METHODS",
     "AffineInt4Tensor",
     "GGMLConfig",
