@@ -99,6 +99,10 @@ SMOL_OURS: list[tuple[str, str, list[str]]] = [
      ["--method", "int4", "--format", "compressed-tensors", "--group-size", "64", "--sym"]),
     ("q4_0", "Q4_0 (gguf)", ["--method", "q4_0", "--format", "gguf"]),
     ("q4_1", "Q4_1 (gguf)", ["--method", "q4_1", "--format", "gguf"]),
+    ("q5_0", "Q5_0 (gguf)", ["--method", "q5_0", "--format", "gguf"]),
+    ("q4_k_m", "Q4_K_M (gguf)", ["--method", "q4_k_m", "--format", "gguf"]),
+    ("q5_k_m", "Q5_K_M (gguf)", ["--method", "q5_k_m", "--format", "gguf"]),
+    ("q6_k", "Q6_K (gguf)", ["--method", "q6_k", "--format", "gguf"]),
     ("q8_0", "Q8_0 (gguf)", ["--method", "q8_0", "--format", "gguf"]),
 ]
 # MiniLM: input sizes 384 and 1536, both multiples of 128 (and 64, 32): every group size fits.
@@ -119,14 +123,15 @@ MINILM_OURS: list[tuple[str, str, list[str]]] = [
 ]
 BNB_ANCHORS = (("nf4", "bitsandbytes NF4 (load_in_4bit)", "nf4-b64"), ("fp4", "bitsandbytes FP4 (load_in_4bit)",
                                                                        "fp4-b64"))
-OUR_GGUF = ("q4_0", "q4_1", "q8_0")
+OUR_GGUF = ("q4_0", "q4_1", "q5_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 LLAMACPP_OWN = (("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"), ("q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1"),
                 ("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M"))
 # Table order: references first, then each method family with its anchors beside it.
 SMOL_ORDER = ["float32", "float32-llamacpp", "nf4-b64", "anchor-bnb-nf4", "nf4-b64-dq", "fp4-b64", "anchor-bnb-fp4",
               "int4-g128-asym-gptq", "int4-g32-asym-gptq", "int4-g128-sym-gptq", "int4-g32-asym-native",
               "int4-g64-sym-ct", "q4_0", "q4_0-llamacpp", "anchor-llamacpp-q4_0", "q4_1", "q4_1-llamacpp",
-              "anchor-llamacpp-q4_1", "anchor-llamacpp-q4_k_m", "q8_0", "q8_0-llamacpp"]
+              "anchor-llamacpp-q4_1", "q5_0", "q5_0-llamacpp", "q4_k_m", "q4_k_m-llamacpp", "anchor-llamacpp-q4_k_m",
+              "q5_k_m", "q5_k_m-llamacpp", "q6_k", "q6_k-llamacpp", "q8_0", "q8_0-llamacpp"]
 MINILM_ORDER = ["float32", "nf4-b64", "anchor-bnb-nf4", "nf4-b64-dq", "fp4-b64", "anchor-bnb-fp4",
                 "int4-g128-asym-gptq", "int4-g32-asym-gptq", "int4-g128-sym-gptq", "int4-g32-asym-native",
                 "int4-g128-sym-ct"]
@@ -808,7 +813,7 @@ def findings(d: dict[str, Any]) -> list[str]:
                    f"{100 * (fl_cpp / fl - 1):+.2f}% ({fl_cpp:.3f} against {fl:.3f}). llama.cpp rounds activations to "
                    "8 bits in quantized matmuls and keeps its KV cache in F16, so its rows take Δ against its own "
                    "F32 run.")
-    for m in ("q4_0", "q4_1"):
+    for m in ("q4_0", "q4_1", "q4_k_m"):
         a, o = rows.get(f"anchor-llamacpp-{m}"), rows.get(f"{m}-llamacpp")
         if a and o:
             t = a.get("tensors_vs_ours", {})
