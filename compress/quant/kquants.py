@@ -27,8 +27,8 @@ Block bytes (little-endian), super-blocks in row-major order:
     Q5_K (176): fp16 d, fp16 dmin, 12 bytes of scales and mins, 32 bytes of high bits, 128 of nibbles
     Q6_K (210): 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, fp16 d
 
-Cost: about 3,000 element-wise passes per Q4_K tensor (21 candidate scales x 32-step running sums)
-over vectors of n/32 sub-blocks; a 4096x4096 matrix takes a few seconds on one core.
+Cost: 21 candidate scales, each a dozen element-wise passes plus 32-step running sums over the
+sub-blocks; a 4096x4096 Q4_K takes 4.6 s on one core, 2.5x llama.cpp's C (reports/bench_kquants.md).
 """
 
 from __future__ import annotations
