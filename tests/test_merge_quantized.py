@@ -302,6 +302,28 @@ def test_qalora_fold_into_gguf_q4_1(tiny_llama_tok: Path, tmp_path: Path, capsys
         assert (stored[:, 2:4] != expected[:, 2:4]).any()
 
 
+def test_merge_to_gguf_k_quant_is_merge_then_quantize(tiny_llama_tok: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """merge --quantize q4_k_m writes the file that quantizing the float merge to q4_k_m writes (no fold applies:
+    a K-quant's minimums are 6-bit codes), byte for byte."""
+    import gguf
+    import numpy as np
+
+    qa = qalora_adapter(tmp_path / "qa", 32, 5, lora_alpha=32)
+    merged_gguf, plain = tmp_path / "merged.gguf", tmp_path / "plain.gguf"
+    assert run(capsys, "merge", tiny_llama_tok, "--adapter", qa, "--quantize", "q4_k_m", "-o", merged_gguf,
+               "-q")[0] == 0
+    assert run(capsys, "merge", tiny_llama_tok, "--adapter", qa, "-o", tmp_path / "float", "-q")[0] == 0
+    assert run(capsys, "quantize", tmp_path / "float", "--method", "q4_k_m", "-o", plain, "-q")[0] == 0
+    a = {t.name: t for t in gguf.GGUFReader(merged_gguf).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(plain).tensors}
+    assert sorted(a) == sorted(b)
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type and np.array_equal(np.asarray(t.data), np.asarray(b[name].data))
+    # hidden 64 is not a multiple of 256: llama.cpp's fallbacks (Q5_0, and Q8_0 for the Q6_K tensors)
+    assert {t.tensor_type.name for t in a.values()} == {"Q5_0", "Q8_0", "F32"}
+
+
 def test_merge_to_gguf(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "m.gguf"
     # the tiny model has no tokenizer: a clear error, nothing written
