@@ -146,6 +146,8 @@ def _make_qkx2(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, r
     diff = (scale * L + mn) - x
     best_error = _running_sum(weights * diff.mul_(diff))
     best_scale, best_min = scale, mn.clone()
+    # the codes of the best candidate are rebuilt at the end from its (iscale, min): cheaper than keeping them
+    code_iscale, code_min = iscale, mn
     for step in range(nstep + 1):
         # the reference's loop reads ``min`` after each improvement: later candidates start from the refitted
         # minimum (span and shift move with it)
@@ -169,10 +171,12 @@ def _make_qkx2(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, r
         diff = torch.mul(Laux, this_scale).add_(this_min).sub_(x)
         cur_error = _running_sum(diff.mul_(diff).mul_(weights))
         better = ok & (cur_error < best_error)
-        L = torch.where(better, Laux, L)
+        code_iscale = torch.where(better, iscale, code_iscale)
+        code_min = torch.where(better, best_min, code_min)  # the shift these codes were made with
         best_error = torch.where(better, cur_error, best_error)
         best_scale = torch.where(better, this_scale, best_scale)
         best_min = torch.where(better, this_min, best_min)
+    L = _nearest_int(torch.sub(x, code_min).mul_(code_iscale)).clamp_(0, nmax)
     L = torch.where(flat, torch.zeros_like(L), L)
     best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
     best_min = torch.where(flat, mn, best_min)
@@ -191,12 +195,13 @@ def _make_qx_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     w = x * x
     wx = w * x
 
-    def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum w*x*l and sum w*l*l for the codes l of this candidate scale."""
         levels = _nearest_int(iscale * x).clamp_(-nmax, nmax - 1)
-        return levels, _running_sum(wx * levels), _running_sum((w * levels).mul_(levels))
+        return _running_sum(wx * levels), _running_sum((w * levels).mul_(levels))
 
-    levels, sumlx, suml2 = fit(_over(float(-nmax), safe_max))
-    L = levels + nmax
+    code_iscale = _over(float(-nmax), safe_max)
+    sumlx, suml2 = fit(code_iscale)
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 == 0, torch.ones_like(suml2), suml2),
                         torch.zeros_like(suml2))
     best = scale * sumlx
@@ -204,12 +209,14 @@ def _make_qx_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
         if step == 0:
             continue
         candidate = torch.tensor(float(nmax), dtype=torch.float32) + torch.tensor(0.1, dtype=torch.float32) * step
-        levels, sumlx, suml2 = fit(-candidate / safe_max)
+        iscale = -candidate / safe_max
+        sumlx, suml2 = fit(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(better, levels + nmax, L)
+        code_iscale = torch.where(better, iscale, code_iscale)  # codes rebuilt at the end
         new_scale = sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2))
         scale = torch.where(better, new_scale, scale)
         best = torch.where(better, scale * sumlx, best)
+    L = _nearest_int(code_iscale * x).clamp_(-nmax, nmax - 1).add_(nmax)
     L = torch.where(zero, torch.zeros_like(L), L)
     return L, torch.where(zero, torch.zeros_like(scale), scale)
 
