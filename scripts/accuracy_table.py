@@ -124,6 +124,7 @@ MINILM_OURS: list[tuple[str, str, list[str]]] = [
 BNB_ANCHORS = (("nf4", "bitsandbytes NF4 (load_in_4bit)", "nf4-b64"), ("fp4", "bitsandbytes FP4 (load_in_4bit)",
                                                                        "fp4-b64"))
 OUR_GGUF = ("q4_0", "q4_1", "q5_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
+WIDER_GGUF = {"q5_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0"}
 LLAMACPP_OWN = (("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"), ("q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1"),
                 ("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M"))
 # Table order: references first, then each method family with its anchors beside it.
@@ -742,8 +743,10 @@ def findings(d: dict[str, Any]) -> list[str]:
     s = d.get("smollm2", {})
     rows = {r["key"]: r for r in s.get("rows", []) if "perplexity" in r}
     exact_keys = _exact_keys(s.get("rows", []))
+    # the 4-bit rows; the 5-bit and wider llama.cpp types (and Q4_K_M, which is mostly Q5_0 and Q6_K->Q8_0 on a
+    # model whose rows of 576 are not whole 256-element super-blocks) get their own sentences
     four_all = [r for r in rows.values() if r["who"] == "ours" and r["engine"] == "transformers"
-                and r["bpw_linear"] < 6]
+                and r["bpw_linear"] < 6 and r["key"] not in WIDER_GGUF]
     exact = [r for r in four_all if r["key"] in exact_keys]
     four = [r for r in four_all if r not in exact]
     if exact:
@@ -770,6 +773,12 @@ def findings(d: dict[str, Any]) -> list[str]:
             out.append(f"Q8_0 ({q8['bpw_linear']:.2f} bits per Linear weight) changes perplexity by "
                        f"{q8['delta_pct']:+.2f}%" + (f", {ratio:.0f}x less than the best 4-bit row." if ratio > 1 and
                                                       math.isfinite(ratio) else "."))
+        wider = [rows[k] for k in ("q5_0", "q4_k_m", "q5_k_m", "q6_k") if k in rows]
+        if wider:
+            out.append("llama.cpp's wider types, as llama-quantize lays them out (SmolLM2's rows of 576 make Q4_K "
+                       "fall back to Q5_0, Q5_K to Q5_1 and Q6_K to Q8_0 for all but ffn_down): " + "; ".join(
+                           f"{r['label']} {r['delta_pct']:+.1f}% at {r['bpw_linear']:.2f} bits per Linear weight"
+                           for r in wider) + ".")
         bits = []
         for a, b in (("nf4-b64", "fp4-b64"), ("nf4-b64", "nf4-b64-dq"), ("int4-g32-asym-gptq", "int4-g128-asym-gptq"),
                      ("int4-g128-asym-gptq", "int4-g128-sym-gptq"), ("q4_0", "q4_1")):
