@@ -28,7 +28,7 @@ Block bytes (little-endian), super-blocks in row-major order:
     Q6_K (210): 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, fp16 d
 
 Cost: 21 candidate scales, each a dozen element-wise passes plus 32-step running sums over the
-sub-blocks; a 4096x4096 Q4_K takes 4.6 s on one core, 2.5x llama.cpp's C (reports/bench_kquants.md).
+sub-blocks; a 4096x4096 Q4_K takes 3.2 s on one core, 2x llama.cpp's C (reports/bench_kquants.md).
 """
 
 from __future__ import annotations
