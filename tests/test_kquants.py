@@ -154,3 +154,33 @@ def test_files_equal_llama_quantize(ggml_base: ctypes.CDLL, hidden: int, tmp_pat
     else:  # 320 columns: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, as llama.cpp falls back
         assert seen["q4_k_m"] == {"Q5_0": 49, "Q8_0": 9, "F32": 17}
         assert seen["q5_k_s"] == {"Q5_1": 57, "Q8_0": 1, "F32": 17}
+
+
+def test_llama_cpp_type_recipe() -> None:
+    """The per-tensor rules of llama_tensor_get_type, without llama.cpp (the file test above checks them in it)."""
+    from compress.formats.gguf_writer import llama_cpp_type
+
+    def types(method: str, leaf: str, columns: int = 4096, n_layers: int = 32) -> list[str]:
+        return [llama_cpp_type(method, f"blk.{i}.{leaf}", columns, n_layers, False)[0] for i in range(n_layers)]
+
+    # use_more_bits for 32 layers: the first and last 4, and layers 6, 9, ..., 27 between
+    more = {0, 1, 2, 3, 28, 29, 30, 31} | set(range(6, 28, 3))
+    assert types("q4_k_m", "attn_v.weight") == ["q6_k" if i in more else "q4_k" for i in range(32)]
+    assert types("q5_k_m", "ffn_down.weight") == ["q6_k" if i in more else "q5_k" for i in range(32)]
+    assert types("q4_k_m", "attn_q.weight") == ["q4_k"] * 32
+    assert types("q4_k_s", "attn_v.weight") == ["q5_k"] * 4 + ["q4_k"] * 28
+    assert types("q4_k_s", "ffn_down.weight") == ["q5_k"] * 4 + ["q4_k"] * 28
+    assert types("q4_0", "ffn_down.weight") == ["q4_0"] * 32  # no importance matrix: no Q4_1 guard
+    # output (and a tied embedding) at Q6_K, or Q8_0 when its rows are not whole blocks of the file's type
+    assert llama_cpp_type("q4_0", "output.weight", 4096, 32, False) == ("q6_k", None)
+    assert llama_cpp_type("q4_k_m", "output.weight", 576, 32, False) == ("q8_0", None)
+    assert llama_cpp_type("q4_0", "token_embd.weight", 4096, 32, True) == ("q6_k", None)
+    assert llama_cpp_type("q4_0", "token_embd.weight", 4096, 32, False) == ("q4_0", None)
+    assert llama_cpp_type("q8_0", "output.weight", 4096, 32, False) == ("q8_0", None)
+    # fallbacks: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when not even 32-blocks
+    assert llama_cpp_type("q4_k_m", "blk.5.attn_q.weight", 576, 32, False)[0] == "q5_0"
+    assert llama_cpp_type("q5_k_s", "blk.5.attn_q.weight", 576, 32, False)[0] == "q5_1"
+    qtype, note = llama_cpp_type("q6_k", "blk.5.attn_q.weight", 576, 32, False)
+    assert qtype == "q8_0" and note is not None and "Q6_K -> Q8_0" in note
+    assert llama_cpp_type("q4_k_m", "blk.5.attn_q.weight", 48, 32, False)[0] == "f16"
+    assert llama_cpp_type("q4_0", "blk.5.attn_q.weight", 48, 32, False)[0] == "f16"

@@ -265,7 +265,7 @@ def llama_cpp_type(method: str, name: str, columns: int, n_layers: int, tied: bo
         chosen = K_FALLBACK.get(qtype, qtype)
         if columns % ggml_block_size(chosen):
             chosen = "f16"
-        note = f"{name}: rows of {columns} are not whole {qtype.upper()} blocks; {chosen.upper()} (as llama-quantize)"
+        note = f"{name} ({columns} columns): {qtype.upper()} -> {chosen.upper()}"
         qtype = chosen
     return qtype, note
 
@@ -310,8 +310,8 @@ def plan_tensors(infos: list[TensorInfo], p: LlamaParams, method: str, embedding
             permute = p.kv_heads
         plan.append(PlannedTensor(info.name, name, shape, qtype, permute))
     if fallbacks:
-        notes.append(f"{len(fallbacks)} tensors fell back for their row length, as llama-quantize does: "
-                     + "; ".join(fallbacks[:3]) + ("; ..." if len(fallbacks) > 3 else ""))
+        notes.append(f"{len(fallbacks)} tensors have rows that are not whole blocks of their type and fell back as "
+                     "llama-quantize does: " + "; ".join(fallbacks[:3]) + ("; ..." if len(fallbacks) > 3 else ""))
     names = {t.name for t in plan}
     wanted = ["token_embd.weight", "output_norm.weight"] + ([] if p.tied else ["output.weight"])
     for i in range(p.layers):
