@@ -783,18 +783,6 @@ def _merge_quantized(merged: Any, base: Any, fmt: Any, method: str, out: Path, *
             float_base.close()
             raise InputError("--float-base is itself quantized", where=str(float_base_path),
                              fix="Pass the float checkpoint the base was quantized from.")
-        shapes = {i.name: tuple(i.shape) for i in float_base.infos()}
-        missing = [e.info.name for e in plan.quantized if e.info.name not in shapes]
-        if missing:
-            float_base.close()
-            raise InputError(f"--float-base has no tensor '{missing[0]}' ({len(missing)} missing)",
-                             where=str(float_base_path), fix="Pass the float checkpoint the base was quantized from.")
-        wrong = [e.info for e in plan.quantized if shapes[e.info.name] != tuple(e.info.shape)]
-        if wrong:
-            float_base.close()
-            raise InputError(f"--float-base tensor '{wrong[0].name}' has shape {list(shapes[wrong[0].name])}, the "
-                             f"base has {list(wrong[0].shape)} ({len(wrong)} differ)", where=str(float_base_path),
-                             fix="Pass the float checkpoint the base was quantized from.")
     try:
         with atomic_output_dir(out, force=force) as tmp:
             report, requant = _with_progress(

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from compress.errors import OptionError
+from compress.errors import InputError, OptionError
 from compress.formats.base import dtype_name
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.quantized import DequantizingReader
@@ -160,6 +160,21 @@ def _pass_through(base_q: QuantizedTensor | None, config: Any, offsets: str) -> 
     return converted if exact and not config.symmetric else None
 
 
+def check_float_base(float_base: CheckpointReader, plan: Plan) -> None:
+    """InputError unless ``float_base`` has every tensor ``plan`` quantizes, with the same shape (from its
+    index: no tensor is read)."""
+    shapes = {i.name: tuple(i.shape) for i in float_base.infos()}
+    fix = "Pass the float checkpoint the base was quantized from."
+    missing = [e.info.name for e in plan.quantized if e.info.name not in shapes]
+    if missing:
+        raise InputError(f"--float-base has no tensor '{missing[0]}' ({len(missing)} missing)",
+                         where=str(float_base.path), fix=fix)
+    wrong = [e.info for e in plan.quantized if shapes[e.info.name] != tuple(e.info.shape)]
+    if wrong:
+        raise InputError(f"--float-base tensor '{wrong[0].name}' has shape {list(shapes[wrong[0].name])}, the "
+                         f"base has {list(wrong[0].shape)} ({len(wrong)} differ)", where=str(float_base.path), fix=fix)
+
+
 def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, float_base: CheckpointReader | None,
                             strategy: str, device: torch.device, shard_bytes: int,
                             progress: Progress | None = None) -> tuple[QuantizeReport, RequantReport]:
@@ -178,6 +193,8 @@ def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, 
                             bytes_before=plan.input_bytes, bytes_after=plan.output_bytes)
     requant = RequantReport(strategy=strategy)
     candidates = STRATEGIES if strategy == "auto" else (strategy,)
+    if float_base is not None:
+        check_float_base(float_base, plan)  # before anything is read or written
 
     def quantize(x: torch.Tensor) -> QuantizedTensor:
         return method.quantize(x, config)
@@ -199,10 +216,6 @@ def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, 
             float_W = None
             if float_base is not None and fast is None:  # an exact fold needs no float weights: don't read them
                 float_W = float_base.get(name).to(device).float()
-                if tuple(float_W.shape) != tuple(info.shape):
-                    raise OptionError(f"--float-base tensor '{name}' has shape {list(float_W.shape)}, the base has "
-                                      f"{list(info.shape)}",
-                                      fix="Pass the float checkpoint the base was quantized from.")
             if fast is not None:  # a QA-LoRA update into float offsets, computed per group (no dense pass)
                 qt, metrics, requant_row, merge_row = fast
                 requant.rows.append(requant_row)
