@@ -251,23 +251,10 @@ def hf_tokenizer(reader: Any) -> Any:
 
 
 def agreement(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
-    """How close llama.cpp's logits (``theirs``) are to our model's (``ours``), both [positions, vocab].
+    """llama.cpp's logits (``theirs``) against ours, both [positions, vocab] (``logit_agreement``)."""
+    from compress.metrics import logit_agreement
 
-    max_abs: max |diff|; rel_max: max_abs / std(ours) (the logit scale); rel_rms: rms(diff) / std(ours);
-    argmax: fraction of positions whose top token is the same; corr_min / corr_mean: Pearson correlation
-    over the vocabulary, worst and mean position; kl_max / kl_mean: KL(ours || theirs) of the next-token
-    distributions, nats.
-    """
-    a, b = torch.from_numpy(ours).double(), torch.from_numpy(theirs).double()
-    diff, scale = b - a, a.std()
-    ac, bc = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-    corr = (ac * bc).sum(-1) / ((ac * ac).sum(-1) * (bc * bc).sum(-1)).sqrt()
-    la, lb = a.log_softmax(-1), b.log_softmax(-1)
-    kl = (la.exp() * (la - lb)).sum(-1)
-    return {"positions": int(a.shape[0]), "logit_std": float(scale), "max_abs": float(diff.abs().max()),
-            "rel_max": float(diff.abs().max() / scale), "rel_rms": float(diff.pow(2).mean().sqrt() / scale),
-            "argmax": float((a.argmax(-1) == b.argmax(-1)).double().mean()), "corr_min": float(corr.min()),
-            "corr_mean": float(corr.mean()), "kl_max": float(kl.max()), "kl_mean": float(kl.mean())}
+    return logit_agreement(torch.from_numpy(ours), torch.from_numpy(theirs))
 
 
 # --- GGUF files -----------------------------------------------------------------------------------------

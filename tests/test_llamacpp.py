@@ -35,6 +35,7 @@ import torch
 from compress.formats import gguf_writer
 from compress.formats.gguf_reader import GGUFReader
 from compress.formats.gguf_writer import export_gguf
+from compress.metrics import logit_agreement
 
 if os.environ.get("COMPRESS_REQUIRE_LLAMACPP"):  # e.g. in CI after setup_llamacpp.sh: a missing build fails
     import llama_cpp
@@ -82,16 +83,8 @@ BOUNDS = {
 
 
 def agreement(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
-    """llama.cpp's logits (``theirs``) against ours, both [positions, vocab] (see BOUNDS)."""
-    a, b = torch.from_numpy(ours).double(), torch.from_numpy(theirs).double()
-    diff, scale = b - a, a.std()
-    ac, bc = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-    corr = (ac * bc).sum(-1) / ((ac * ac).sum(-1) * (bc * bc).sum(-1)).sqrt()
-    la, lb = a.log_softmax(-1), b.log_softmax(-1)
-    kl = (la.exp() * (la - lb)).sum(-1)
-    return {"rel_max": float(diff.abs().max() / scale), "rel_rms": float(diff.pow(2).mean().sqrt() / scale),
-            "argmax": float((a.argmax(-1) == b.argmax(-1)).double().mean()), "corr_min": float(corr.min()),
-            "kl_mean": float(kl.mean()), "logit_std": float(scale)}
+    """llama.cpp's logits (``theirs``) against ours, both [positions, vocab] (``logit_agreement``)."""
+    return logit_agreement(torch.from_numpy(ours), torch.from_numpy(theirs))
 
 
 def within(m: dict[str, float], qtype: str) -> bool:

@@ -47,3 +47,17 @@ def test_compare_edge_cases() -> None:
     assert not math.isfinite(frobenius_norm(bad))
     with pytest.raises(ValueError, match="shapes differ"):
         compare(W, torch.ones(4, 3))
+
+
+def test_logit_agreement() -> None:
+    from compress.metrics import logit_agreement
+
+    a = torch.randn(16, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    same = logit_agreement(a, a.clone())
+    assert same["max_abs"] == 0 and same["argmax"] == 1 and same["kl_max"] == 0 and same["positions"] == 16
+    assert abs(same["corr_min"] - 1) < 1e-12
+    shifted = logit_agreement(a, a + 2.0)  # a constant shift changes no probability
+    assert abs(shifted["rel_max"] - 2.0 / float(a.std())) < 1e-9 and shifted["kl_max"] < 1e-12
+    assert shifted["argmax"] == 1 and abs(shifted["corr_min"] - 1) < 1e-12
+    flipped = logit_agreement(a, -a)
+    assert flipped["corr_mean"] < -0.99 and flipped["argmax"] < 0.2 and flipped["kl_mean"] > 0
