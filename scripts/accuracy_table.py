@@ -83,7 +83,9 @@ LINEAR_RE = re.compile(r"(^|\.)(layers?|blk)\.\d+\.")  # tensors inside the tran
 # (key, label, `compress quantize` options). SmolLM2's Linear layers have input sizes 576 and 1536:
 # 576 = 4.5 * 128, so g128 is not a divisor; GPTQ expresses the short last group through g_idx, the
 # compressed-tensors layout keeps such layers in float, hence g64 for it (64 divides both sizes).
-SMOL_OURS: list[tuple[str, str, list[str]]] = [
+OUR_GGUF = ("q4_0", "q4_1", "q5_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")  # SmolLM2 only: GGUF is Llama-only
+# Rows of both models: bitsandbytes and the GPTQ / native INT4 layouts.
+COMMON_OURS: list[tuple[str, str, list[str]]] = [
     ("nf4-b64", "NF4 b64", ["--method", "nf4", "--block-size", "64"]),
     ("nf4-b64-dq", "NF4 b64 +double-quant", ["--method", "nf4", "--block-size", "64", "--double-quant"]),
     ("fp4-b64", "FP4 b64", ["--method", "fp4", "--block-size", "64"]),
@@ -95,35 +97,22 @@ SMOL_OURS: list[tuple[str, str, list[str]]] = [
      ["--method", "int4", "--format", "gptq", "--group-size", "128", "--sym"]),
     ("int4-g32-asym-native", "INT4 g32 asym (native)",
      ["--method", "int4", "--format", "native", "--group-size", "32", "--asym"]),
+]
+SMOL_OURS: list[tuple[str, str, list[str]]] = [
+    *COMMON_OURS,
     ("int4-g64-sym-ct", "INT4 g64 sym (compressed-tensors)",
      ["--method", "int4", "--format", "compressed-tensors", "--group-size", "64", "--sym"]),
-    ("q4_0", "Q4_0 (gguf)", ["--method", "q4_0", "--format", "gguf"]),
-    ("q4_1", "Q4_1 (gguf)", ["--method", "q4_1", "--format", "gguf"]),
-    ("q5_0", "Q5_0 (gguf)", ["--method", "q5_0", "--format", "gguf"]),
-    ("q4_k_m", "Q4_K_M (gguf)", ["--method", "q4_k_m", "--format", "gguf"]),
-    ("q5_k_m", "Q5_K_M (gguf)", ["--method", "q5_k_m", "--format", "gguf"]),
-    ("q6_k", "Q6_K (gguf)", ["--method", "q6_k", "--format", "gguf"]),
-    ("q8_0", "Q8_0 (gguf)", ["--method", "q8_0", "--format", "gguf"]),
+    *((m, f"{m.upper()} (gguf)", ["--method", m, "--format", "gguf"])
+      for m in OUR_GGUF),
 ]
 # MiniLM: input sizes 384 and 1536, both multiples of 128 (and 64, 32): every group size fits.
 MINILM_OURS: list[tuple[str, str, list[str]]] = [
-    ("nf4-b64", "NF4 b64", ["--method", "nf4", "--block-size", "64"]),
-    ("nf4-b64-dq", "NF4 b64 +double-quant", ["--method", "nf4", "--block-size", "64", "--double-quant"]),
-    ("fp4-b64", "FP4 b64", ["--method", "fp4", "--block-size", "64"]),
-    ("int4-g128-asym-gptq", "INT4 g128 asym (gptq)",
-     ["--method", "int4", "--format", "gptq", "--group-size", "128", "--asym"]),
-    ("int4-g32-asym-gptq", "INT4 g32 asym (gptq)",
-     ["--method", "int4", "--format", "gptq", "--group-size", "32", "--asym"]),
-    ("int4-g128-sym-gptq", "INT4 g128 sym (gptq)",
-     ["--method", "int4", "--format", "gptq", "--group-size", "128", "--sym"]),
-    ("int4-g32-asym-native", "INT4 g32 asym (native)",
-     ["--method", "int4", "--format", "native", "--group-size", "32", "--asym"]),
+    *COMMON_OURS,
     ("int4-g128-sym-ct", "INT4 g128 sym (compressed-tensors)",
      ["--method", "int4", "--format", "compressed-tensors", "--group-size", "128", "--sym"]),
 ]
 BNB_ANCHORS = (("nf4", "bitsandbytes NF4 (load_in_4bit)", "nf4-b64"), ("fp4", "bitsandbytes FP4 (load_in_4bit)",
                                                                        "fp4-b64"))
-OUR_GGUF = ("q4_0", "q4_1", "q5_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 WIDER_GGUF = {"q5_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0"}
 LLAMACPP_OWN = (("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"), ("q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1"),
                 ("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M"))
