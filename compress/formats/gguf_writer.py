@@ -84,12 +84,12 @@ from compress.quant.ggml import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "f16", "f32")
 TOKENIZER_MODES = ("auto", "none")
 TENSOR_TYPES = (*GGML_TYPES, "f16", "f32")
 # method -> gguf.LlamaFileType value (general.file_type)
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14, "q4_k_m": 15,
               "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+METHODS = tuple(FILE_TYPES)  # what export_gguf writes: the file types above
 # llama-quantize's fallback when rows are not whole 256-element super-blocks (tensor_type_fallback)
 K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 GGML_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION, written by every llama.cpp converter
