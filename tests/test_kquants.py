@@ -98,6 +98,7 @@ def test_dequantize_equals_gguf_and_error_is_bounded(qtype: str) -> None:
     theirs = gguf.quants.dequantize(q.packed().numpy(), gguf.GGMLQuantizationType[qtype.upper()])
     assert np.array_equal(ours.numpy(), theirs.reshape(ours.shape))
     assert q.storage_bits() == 8 * SIZES[qtype] * x.numel() // (256 if qtype.endswith("_k") else 32)
+    assert q.ggml_type_id == gguf.GGMLQuantizationType[qtype.upper()]
     rel = float((ours - x).norm() / x.norm())
     assert 0.5 * ERROR_BOUND[qtype] < rel < ERROR_BOUND[qtype], rel
 
