@@ -83,7 +83,7 @@ LINEAR_RE = re.compile(r"(^|\.)(layers?|blk)\.\d+\.")  # tensors inside the tran
 # (key, label, `compress quantize` options). SmolLM2's Linear layers have input sizes 576 and 1536:
 # 576 = 4.5 * 128, so g128 is not a divisor; GPTQ expresses the short last group through g_idx, the
 # compressed-tensors layout keeps such layers in float, hence g64 for it (64 divides both sizes).
-OUR_GGUF = ("q4_0", "q4_1", "q5_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")  # SmolLM2 only: GGUF is Llama-only
+OUR_GGUF = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q8_0")  # Llama only
 # Rows of both models: bitsandbytes and the GPTQ / native INT4 layouts.
 COMMON_OURS: list[tuple[str, str, list[str]]] = [
     ("nf4-b64", "NF4 b64", ["--method", "nf4", "--block-size", "64"]),
@@ -113,15 +113,16 @@ MINILM_OURS: list[tuple[str, str, list[str]]] = [
 ]
 BNB_ANCHORS = (("nf4", "bitsandbytes NF4 (load_in_4bit)", "nf4-b64"), ("fp4", "bitsandbytes FP4 (load_in_4bit)",
                                                                        "fp4-b64"))
-WIDER_GGUF = {"q5_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0"}
+WIDER_GGUF = {"q5_0", "q5_1", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q8_0"}
 LLAMACPP_OWN = (("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"), ("q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1"),
                 ("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M"))
 # Table order: references first, then each method family with its anchors beside it.
 SMOL_ORDER = ["float32", "float32-llamacpp", "nf4-b64", "anchor-bnb-nf4", "nf4-b64-dq", "fp4-b64", "anchor-bnb-fp4",
               "int4-g128-asym-gptq", "int4-g32-asym-gptq", "int4-g128-sym-gptq", "int4-g32-asym-native",
               "int4-g64-sym-ct", "q4_0", "q4_0-llamacpp", "anchor-llamacpp-q4_0", "q4_1", "q4_1-llamacpp",
-              "anchor-llamacpp-q4_1", "q5_0", "q5_0-llamacpp", "q4_k_m", "q4_k_m-llamacpp", "anchor-llamacpp-q4_k_m",
-              "q5_k_m", "q5_k_m-llamacpp", "q6_k", "q6_k-llamacpp", "q8_0", "q8_0-llamacpp"]
+              "anchor-llamacpp-q4_1", "q5_0", "q5_0-llamacpp", "q5_1", "q5_1-llamacpp", "q4_k_s", "q4_k_s-llamacpp",
+              "q4_k_m", "q4_k_m-llamacpp", "anchor-llamacpp-q4_k_m", "q5_k_s", "q5_k_s-llamacpp", "q5_k_m",
+              "q5_k_m-llamacpp", "q6_k", "q6_k-llamacpp", "q8_0", "q8_0-llamacpp"]
 MINILM_ORDER = ["float32", "nf4-b64", "anchor-bnb-nf4", "nf4-b64-dq", "fp4-b64", "anchor-bnb-fp4",
                 "int4-g128-asym-gptq", "int4-g32-asym-gptq", "int4-g128-sym-gptq", "int4-g32-asym-native",
                 "int4-g128-sym-ct"]
@@ -762,7 +763,8 @@ def findings(d: dict[str, Any]) -> list[str]:
             out.append(f"Q8_0 ({q8['bpw_linear']:.2f} bits per Linear weight) changes perplexity by "
                        f"{q8['delta_pct']:+.2f}%" + (f", {ratio:.0f}x less than the best 4-bit row." if ratio > 1 and
                                                       math.isfinite(ratio) else "."))
-        wider = [rows[k] for k in ("q5_0", "q4_k_m", "q5_k_m", "q6_k") if k in rows]
+        wider = [rows[k] for k in OUR_GGUF if k in WIDER_GGUF and k != "q8_0" and k in rows
+                 and k not in exact_keys]
         if wider:
             out.append("llama.cpp's wider types, as llama-quantize lays them out (SmolLM2's rows of 576 make Q4_K "
                        "fall back to Q5_0, Q5_K to Q5_1 and Q6_K to Q8_0 for all but ffn_down): " + "; ".join(
@@ -924,8 +926,9 @@ def render(d: dict[str, Any]) -> str:
             "",
             f"Linear input sizes: {', '.join(map(str, s['linear_in_sizes']))}. 128 does not divide 576: INT4 g128 "
             "gives those layers a shorter last group (GPTQ's g_idx), and the compressed-tensors layout would keep "
-            "them in float, so it uses g64 here. Q4_K_M's K-quants need rows of 256: llama.cpp falls back to "
-            "other types for those tensors (see the tensor types in the JSON).",
+            "them in float, so it uses g64 here. The K-quants need rows of 256: for the tensors with rows of 576 "
+            "llama.cpp falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; see the tensor types in the JSON), so "
+            "on this model the K-quant file types are mostly 32-element types.",
             "",
         ]
         checks = []
