@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from compress.errors import InputError, OptionError
-from compress.formats.checkpoint import open_checkpoint
-from compress.formats.quantized import format_of, model_dtype, open_model
+from compress.formats.inputs import open_checkpoint, open_model
+from compress.formats.output import OutputFolder, check_output, write_json
+from compress.formats.quantized import format_of, model_dtype
 
 
 def require_transformers() -> Any:
@@ -201,3 +202,109 @@ def sentence_embeddings(model: Any, tokenizer: Any, sentences: list[str]) -> tor
         hidden = model(**batch).last_hidden_state.float()
     mask = batch["attention_mask"].unsqueeze(-1).float()
     return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """`compress eval`: score ``models`` side by side (perplexity, or embedding cosine with ``embeddings``)."""
+
+    models: tuple[Path, ...]
+    text: Path | None = None
+    tokens: int = 20000
+    window: int = 1024
+    stride: int | None = None
+    embeddings: bool = False
+    out: Path | None = None
+    force: bool = False
+
+    def check(self) -> None:
+        stride = self.stride or self.window
+        if self.window < 2 or self.tokens < 2 or not 1 <= stride <= self.window:
+            raise OptionError(f"need --window >= 2, --tokens >= 2 and 1 <= --stride <= --window (got {self.window}, "
+                              f"{self.tokens}, {stride})", fix="Pick sizes such as --window 1024 --tokens 20000.")
+        if self.out is not None:
+            check_output(self.out, force=self.force, inputs=list(self.models))
+        for m in self.models:
+            if not m.exists():
+                raise InputError("no such file or folder", where=str(m), fix="Check the path.")
+
+    def read_text(self) -> str:
+        if self.text is None:
+            return default_text()
+        try:
+            return self.text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the text ({e})", where=str(self.text),
+                             fix="Give a readable UTF-8 text file.") from e
+
+
+def evaluate(request: EvalRequest, run: Any) -> dict[str, Any]:
+    """Load each model in turn (one at a time), score it, and return the results (written to ``request.out``
+    too, when given). ``run``: a :class:`~compress.pipeline.run.RunOptions` (device, progress)."""
+    import gc
+
+    transformers = require_transformers()
+    request.check()
+    stride = request.stride or request.window
+    text = request.read_text()
+    keep: list[Any] = []
+    rows: list[dict[str, Any]] = []
+    tokenizer = None
+    reference: Any = None
+    for path in request.models:
+        loaded = load_model(path, encoder=request.embeddings, device=run.device, keep=keep)
+        if tokenizer is None and loaded.tokenizer_dir is not None:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
+        if tokenizer is None:
+            raise InputError("no tokenizer found", where=str(path),
+                             fix="List first a model whose folder (or GGUF) carries its tokenizer.")
+        row: dict[str, Any] = {"model": str(path), "loader": loaded.how, "size_bytes": loaded.size_bytes}
+        if request.embeddings:
+            sentences = default_sentences()
+            emb = sentence_embeddings(loaded.model, tokenizer, sentences)
+            if reference is None:
+                reference = emb
+            cos = torch.nn.functional.cosine_similarity(emb, reference, dim=-1)
+            row.update(mean_cosine=float(cos.mean()), min_cosine=float(cos.min()), sentences=len(sentences))
+        else:
+            ids = torch.tensor(tokenizer(text)["input_ids"][:request.tokens])
+            if ids.numel() < 2:
+                raise InputError("the text has fewer than 2 tokens", where=str(request.text or "default text"),
+                                 fix="Give a longer text.")
+            run.start(path.name, ids.numel(), 1)
+            ppl, scored = perplexity(loaded.model, ids, window=request.window, stride=stride,
+                                     progress=lambda n, name=path.name: run.advance(name, n))
+            row.update(perplexity=ppl, tokens=scored)
+        rows.append(row)
+        del loaded
+        gc.collect()
+    metric = "mean_cosine" if request.embeddings else "perplexity"
+    for row in rows:
+        row["delta"] = row[metric] - rows[0][metric]
+        row["delta_pct"] = 100 * row["delta"] / rows[0][metric] if rows[0][metric] else 0.0
+    result = {"metric": metric, "window": request.window, "stride": stride, "tokens": request.tokens,
+              "text": str(request.text) if request.text else "pydoc_data/topics.py (Python Language Reference)",
+              "models": rows}
+    if request.out is not None:
+        _write_eval_report(request, result, run)
+    return result
+
+
+def _write_eval_report(request: EvalRequest, result: dict[str, Any], run: Any) -> None:
+    from compress.pipeline.report import human_bytes
+    from compress.pipeline.run import json_safe, write_provenance
+
+    assert request.out is not None
+    metric = result["metric"]
+    lines = [f"# compress eval: {metric}", "", f"Text: {result['text']}; window {result['window']}, stride "
+             f"{result['stride']}, up to {result['tokens']} tokens.", "",
+             f"| model | loader | size | {metric} | Δ vs first |", "|---|---|---|---|---|"]
+    for row in result["models"]:
+        lines.append(f"| `{row['model']}` | {row['loader']} | {human_bytes(row['size_bytes'])} | {row[metric]:.4f} | "
+                     f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%) |")
+    with OutputFolder(request.out, force=request.force) as staging:
+        write_json(staging.path / "report.json", json_safe(result))
+        (staging.path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_provenance(staging.path / "compress_provenance.json", run, "eval", request.models[0], request.out,
+                         {"models": [str(m) for m in request.models]})
+        staging.commit()

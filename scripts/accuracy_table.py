@@ -437,7 +437,7 @@ def run_smollm2(args: argparse.Namespace, runner: Runner, work: Path) -> dict[st
         import llama_cpp
 
         from compress.formats.gguf_reader import GGUFReader
-        from compress.formats.gguf_writer import export_gguf
+        from compress.pipeline.gguf import export_gguf
 
         section["llamacpp"].update(version=llama_cpp.__version__,
                                    system_info=llama_cpp.llama_print_system_info().decode().strip(),
@@ -457,7 +457,7 @@ def run_smollm2(args: argparse.Namespace, runner: Runner, work: Path) -> dict[st
             export_gguf(reader, f32, "f32", force=True)
         f32_seconds = time.perf_counter() - start
         rows["float32-llamacpp"] = {"label": _llamacpp_label("float32-llamacpp"), "who": "reference",
-                                    "engine": "llama.cpp", "how": "compress.formats.gguf_writer.export_gguf(GGUFReader("
+                                    "engine": "llama.cpp", "how": "compress.pipeline.gguf.export_gguf(GGUFReader("
                                     "source), path, 'f32'): every tensor in F32, the same float32 values",
                                     "export_seconds": round(f32_seconds, 1), **size_fields(f32, inv),
                                     **eval_llamacpp(f32)}
@@ -491,7 +491,7 @@ def dequantized_gguf_model(path: Path) -> Any:
     generic branch of compress.evaluation.load_model, which prefers llama.cpp for .gguf when it is installed."""
     import torch
 
-    from compress.formats.quantized import open_model
+    from compress.formats.inputs import open_model
 
     transformers = quiet_transformers()
     with open_model(path) as reader:

@@ -89,7 +89,7 @@ class Evaluator:
         self.probe = blocks[:probe]
 
     def load(self, folder: Path) -> None:
-        from compress.formats.quantized import open_model
+        from compress.formats.inputs import open_model
 
         state = self.model.state_dict()
         with open_model(folder) as reader:

@@ -269,7 +269,7 @@ def instrumented_main(json_out: Path, cli_args: list[str], mmap_reader: bool) ->
     import compress.cli as cli
     import compress.formats.checkpoint as ckpt
     import compress.formats.gguf_reader as gr
-    import compress.pipeline.run as run
+    import compress.pipeline.quantize as run
     from compress.formats.bnb import BnbFormat
     from compress.formats.gptq import GptqFormat
     from compress.formats.writer import ShardedWriter
@@ -311,11 +311,11 @@ def instrumented_main(json_out: Path, cli_args: list[str], mmap_reader: bool) ->
 
         ckpt.SafetensorsReader.get = mmap_get
 
-    wrap(cli, "open_model", "open_model")
+    wrap(run, "open_model", "open_model")
     wrap(gr, "scan_gguf", "scan_gguf")
     wrap(gr, "_open_gguf_package", "gguf_package")
-    wrap(cli, "make_plan", "plan")
-    wrap(cli, "execute", "execute")
+    wrap(run, "make_plan", "plan")
+    wrap(run, "execute", "execute")
     wrap(gr.GGUFReader, "get", "read")
     wrap(ckpt.SafetensorsReader, "get", "read")
     wrap(torch, "isfinite", "isfinite")
@@ -327,7 +327,7 @@ def instrumented_main(json_out: Path, cli_args: list[str], mmap_reader: bool) ->
     wrap(BnbFormat, "pack", "pack")
     wrap(GptqFormat, "pack", "pack")
     wrap(ShardedWriter, "write", "write")
-    wrap(cli, "write_sidecar_files", "sidecar")
+    wrap(run, "write_quantized_files", "sidecar")
     wrap(gr, "_tokenizer_files", "tokenizer")
 
     timed_write = ShardedWriter.write

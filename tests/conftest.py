@@ -66,7 +66,7 @@ def tiny_llama_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama_tok(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
     """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's vocabulary and tokenizer files, so that
     tools needing a complete model (GGUF export) can run on it."""
-    from compress.formats.checkpoint import open_checkpoint
+    from compress.formats.inputs import open_checkpoint
 
     folder = build_tiny_llama(tmp_path_factory.mktemp("tiny_tok"), hidden=64, intermediate=128, vocab=49152)
     with open_checkpoint(smollm2_gguf) as reader:

@@ -29,7 +29,7 @@ from compress.cli import main
 from compress.formats import FORMATS, detect_format
 from compress.formats.compressed_tensors import CompressedTensorsFormat, unpack_int4_cols
 from compress.formats.gptq import unpack_int4_rows
-from compress.formats.quantized import open_model
+from compress.formats.inputs import open_model
 from compress.quant.int4 import Int4Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -18,9 +18,8 @@ from safetensors import safe_open
 
 from compress.cli import main
 from compress.formats import FORMATS
-from compress.formats.checkpoint import open_checkpoint
+from compress.formats.inputs import open_checkpoint, open_model
 from compress.formats.native import NativeFormat, pack_nibbles, unpack_nibbles
-from compress.formats.quantized import open_model
 from compress.metrics import compare
 from compress.quant import METHODS
 from compress.quant.int4 import Int4Config, quantize_int4

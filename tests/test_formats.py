@@ -11,9 +11,11 @@ from safetensors import safe_open
 
 from compress.formats import FORMATS, detect_format
 from compress.formats.bnb import pack_nibbles, unpack_nibbles
-from compress.formats.checkpoint import open_checkpoint, read_safetensors_header
+from compress.formats.checkpoint import read_safetensors_header
 from compress.formats.gptq import pack_int4_rows, unpack_int4_rows
-from compress.formats.writer import ShardedWriter, TensorSpec, atomic_output_dir, plan_shards
+from compress.formats.inputs import open_checkpoint
+from compress.formats.output import atomic_output_dir
+from compress.formats.writer import ShardedWriter, TensorSpec, plan_shards
 from compress.quant import make_config
 from compress.quant.int4 import quantize_int4
 from compress.quant.nf4 import quantize_nf4

@@ -26,16 +26,13 @@ import torch
 from conftest import build_tiny_llama
 
 from compress.errors import InputError, OptionError, OutputError
-from compress.formats.checkpoint import CheckpointReader, TensorInfo, open_checkpoint
+from compress.formats.checkpoint import CheckpointReader, TensorInfo
+from compress.formats.gguf_names import gguf_name
 from compress.formats.gguf_reader import GGUFReader
-from compress.formats.gguf_writer import (
-    LlamaParams,
-    _pre_from_structure,
-    export_gguf,
-    gguf_name,
-    hf_bpe_vocab,
-    plan_tensors,
-)
+from compress.formats.gguf_tokenizer import _pre_from_structure, hf_bpe_vocab
+from compress.formats.gguf_writer import LlamaParams
+from compress.formats.inputs import open_checkpoint
+from compress.pipeline.gguf import export_gguf, plan_tensors
 from compress.quant.ggml import GGMLConfig, GGMLTensor, quantize_ggml, quantize_q4_0, quantize_q4_1, quantize_q8_0
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -575,7 +572,7 @@ def test_bpe_vocab_types_padding_and_pre() -> None:
 
 
 def test_pre_tokenizer_structures() -> None:
-    from compress.formats.gguf_writer import _LLAMA3_PATTERN
+    from compress.formats.gguf_tokenizer import _LLAMA3_PATTERN
 
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     llama3 = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [

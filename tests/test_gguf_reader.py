@@ -24,9 +24,11 @@ import pytest
 import torch
 
 from compress.errors import InputError
+from compress.formats import gguf_names as gn
 from compress.formats import gguf_reader as gr
-from compress.formats.checkpoint import open_checkpoint
-from compress.formats.gguf_reader import GGUFReader, permute_qk, reverse_permute_qk
+from compress.formats.gguf_names import permute_qk, reverse_permute_qk
+from compress.formats.gguf_reader import GGUFReader
+from compress.formats.inputs import open_checkpoint
 
 Q = gguf.GGMLQuantizationType
 
@@ -235,12 +237,12 @@ def test_works_without_transformers(synthetic: tuple[Path, dict[str, np.ndarray]
 def test_name_map_agrees_with_gguf_package() -> None:
     """Our GGUF -> HF table inverts gguf-py's own HF -> GGUF map for llama."""
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
-    gguf_names = list(gr.LLAMA_GLOBAL_NAMES) + [f"blk.2.{leaf}" for leaf in gr.LLAMA_LAYER_NAMES]
+    gguf_names = list(gn.LLAMA_GLOBAL_NAMES) + [f"blk.2.{leaf}" for leaf in gn.LLAMA_LAYER_NAMES]
     for gguf_name in gguf_names:
-        hf_name = gr.llama_hf_name(gguf_name)
+        hf_name = gn.llama_hf_name(gguf_name)
         assert hf_name is not None
         assert name_map.get_name(hf_name.removesuffix(".weight")) + ".weight" == gguf_name
-    assert gr.llama_hf_name("blk.0.attn_q.bias") is None and gr.llama_hf_name("rope_freqs.weight") is None
+    assert gn.llama_hf_name("blk.0.attn_q.bias") is None and gn.llama_hf_name("rope_freqs.weight") is None
 
 
 def test_synthetic_matches_transformers(synthetic: tuple[Path, dict[str, np.ndarray]]) -> None:

@@ -116,8 +116,8 @@ def test_files_equal_llama_quantize(ggml_base: ctypes.CDLL, hidden: int, tmp_pat
     """Every file type: same tensor types (llama-quantize's recipe and fallbacks) and the same bytes."""
     import llama_cpp
 
-    from compress.formats.checkpoint import open_checkpoint
-    from compress.formats.gguf_writer import export_gguf
+    from compress.formats.inputs import open_checkpoint
+    from compress.pipeline.gguf import export_gguf
 
     folder = build_tiny_llama(tmp_path / "model", hidden=hidden, intermediate=2 * hidden, layers=8, vocab=512)
     f32 = tmp_path / "model.F32.gguf"
@@ -159,7 +159,7 @@ def test_files_equal_llama_quantize(ggml_base: ctypes.CDLL, hidden: int, tmp_pat
 
 def test_llama_cpp_type_recipe() -> None:
     """The per-tensor rules of llama_tensor_get_type, without llama.cpp (the file test above checks them in it)."""
-    from compress.formats.gguf_writer import llama_cpp_type
+    from compress.quant.llama_cpp import llama_cpp_type
 
     def types(method: str, leaf: str, columns: int = 4096, n_layers: int = 32) -> list[str]:
         return [llama_cpp_type(method, f"blk.{i}.{leaf}", columns, n_layers, False)[0] for i in range(n_layers)]

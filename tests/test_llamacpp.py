@@ -32,10 +32,10 @@ import numpy as np
 import pytest
 import torch
 
-from compress.formats import gguf_writer
 from compress.formats.gguf_reader import GGUFReader
-from compress.formats.gguf_writer import export_gguf
 from compress.metrics import logit_agreement
+from compress.pipeline import gguf as gguf_pipeline
+from compress.pipeline.gguf import export_gguf
 
 if os.environ.get("COMPRESS_REQUIRE_LLAMACPP"):  # e.g. in CI after setup_llamacpp.sh: a missing build fails
     import llama_cpp
@@ -191,7 +191,7 @@ def test_llamacpp_rejects_file_without_qk_permutation(source: GGUFReader, export
     """Negative control: Q/K rows left in Hugging Face order. Read back by compress, that file would be
     un-permuted although it was never permuted, and llama.cpp agrees with that equally wrong model; so
     the reference is the model of the correct Q8_0 export (rows move whole: the same blocks)."""
-    monkeypatch.setattr(gguf_writer, "permute_qk", lambda w, n_head: w)
+    monkeypatch.setattr(gguf_pipeline, "permute_qk", lambda w, n_head: w)
     wrong = tmp_path / "no-qk-permutation.Q8_0.gguf"
     export_gguf(source, wrong, "q8_0")
     theirs = llamacpp_logits(wrong, passage_ids)

@@ -31,7 +31,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
 from compress.cli import main
-from compress.formats.quantized import open_model
+from compress.formats.inputs import open_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -33,12 +33,12 @@ from conftest import build_tiny_llama
 from conftest import run_cli as run
 from safetensors.torch import load_file, save_file
 
+from compress.formats.peft_adapter import read_adapter
 from compress.merge import (
     bias_delta,
     expand_group_delta,
     module_delta,
     qalora_group_delta,
-    read_adapter,
 )
 from compress.merge.combine import dare_mask, derive_seed
 
@@ -414,8 +414,9 @@ def test_qalora_dense_delta_matches_peft_forward(group: int, tmp_path: Path) -> 
 
 
 def test_qalora_merge_into_float_base(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from compress.formats.checkpoint import open_checkpoint
-    from compress.pipeline.merge import MergedReader, MergeOptions, plan_merge
+    from compress.formats.inputs import open_checkpoint
+    from compress.pipeline.merge_plan import MergeOptions, plan_merge
+    from compress.pipeline.merged import MergedReader
 
     folder = qalora_adapter(tmp_path / "qa", 16, seed=5)
     adapter = read_adapter(folder)

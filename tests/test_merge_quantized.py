@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_merge import make_adapter, qalora_adapter
 
 from compress.cli import main
-from compress.formats.quantized import open_model
+from compress.formats.inputs import open_model
 from compress.merge.requant import (
     best_merge,
     expand_groups,
@@ -261,9 +261,9 @@ def test_qalora_fold_into_gguf_q4_1(tiny_llama_tok: Path, tmp_path: Path, capsys
     """Q4_1's per-block minimum is a float16 offset: a QA-LoRA update with groups of 32 goes into it."""
     import numpy as np
 
-    import compress.pipeline.merge as merge_pipeline
-    from compress.formats.checkpoint import open_checkpoint
-    from compress.formats.gguf_reader import permute_qk
+    import compress.pipeline.merged as merge_pipeline
+    from compress.formats.gguf_names import permute_qk
+    from compress.formats.inputs import open_checkpoint
     from compress.quant.ggml import GGMLConfig, quantize_ggml
 
     qa = qalora_adapter(tmp_path / "qa", 32, 5, lora_alpha=32)

@@ -1,5 +1,5 @@
 """The ``gguf`` entry of the ``--format`` registry: a single llama.cpp file, written by
-:func:`compress.formats.gguf_writer.export_gguf` (not a layout inside a checkpoint folder)."""
+:class:`compress.formats.gguf_writer.GGUFSink` (not a layout inside a checkpoint folder)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import mmap
-import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import torch
 
 from compress.errors import InputError
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
+from compress.formats.gguf_names import LLAMA_SKIPPED, llama_hf_name, reverse_permute_qk
 
 logger = logging.getLogger(__name__)
 
@@ -61,57 +61,6 @@ _SMALL_ARRAY = 4096  # numeric arrays up to this length are kept as lists in the
 _FIX_TRUNCATED = "The file is truncated or corrupt; re-download it or convert it again with llama.cpp."
 _FIX_CORRUPT = "The file is corrupt; re-download it or convert it again with llama.cpp."
 _FIX_QTYPE = "Try `pip install -U gguf`, or convert the model with another quantization type."
-
-# --- Llama: GGUF name -> Hugging Face name -------------------------------------------------------
-
-LLAMA_GLOBAL_NAMES: dict[str, str] = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",  # absent when the output layer is tied to the embedding
-}
-LLAMA_LAYER_NAMES: dict[str, str] = {  # blk.{i}.<key> -> model.layers.{i}.<value>
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-# Tensors a llama GGUF may hold that have no parameter in LlamaForCausalLM: llama.cpp's RoPE
-# frequency factors (Llama 3.1 "llama3" scaling). transformers drops them, and so do we (with a note).
-LLAMA_SKIPPED = frozenset({"rope_freqs.weight"})
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
-
-
-def llama_hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama GGUF tensor, or None if LlamaForCausalLM has no such parameter."""
-    if gguf_name in LLAMA_GLOBAL_NAMES:
-        return LLAMA_GLOBAL_NAMES[gguf_name]
-    m = _LAYER_RE.fullmatch(gguf_name)
-    if m and m.group(2) in LLAMA_LAYER_NAMES:
-        return f"model.layers.{int(m.group(1))}.{LLAMA_LAYER_NAMES[m.group(2)]}"
-    return None
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's permutation of a Hugging Face q_proj/k_proj weight (``convert_hf_to_gguf.py``).
-
-    ``w``: ``[n_head * head_dim, ...]`` (a weight ``[out, in]`` or a bias ``[out]``). Within each head,
-    rows ``[0..head_dim/2)`` and ``[head_dim/2..head_dim)`` (the two RoPE halves) are interleaved.
-    ``n_head`` is the attention head count for q and the key/value head count for k.
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def reverse_permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo :func:`permute_qk` exactly (a pure reordering of rows); same shape in and out."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 # --- the file's structure --------------------------------------------------------------------------
 

@@ -1,66 +1,31 @@
-"""Writing a llama.cpp GGUF file from any checkpoint we read (Llama architecture).
+"""Writing a llama.cpp GGUF file: the metadata of a Llama model and a sink for its tensors' bytes.
 
-:func:`export_gguf` streams a :class:`~compress.formats.checkpoint.CheckpointReader` (a Hugging Face
-folder, a ``.safetensors`` file, or a ``.gguf`` read by :class:`~compress.formats.gguf_reader.GGUFReader`)
-into one ``.gguf`` file the way llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``) lays it out:
+This module only encodes: what each tensor becomes (names, types, the Q/K permutation) is planned by
+:mod:`compress.pipeline.gguf` with llama-quantize's recipe (:mod:`compress.quant.llama_cpp`), and the bytes
+come from the quantizers. The layout follows llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``):
 
-- **metadata**: ``general.architecture = llama``, ``general.type``, ``general.name``,
-  ``general.file_type``, ``general.quantization_version``, and ``llama.*``: context_length,
-  embedding_length, block_count, feed_forward_length, attention.head_count, attention.head_count_kv,
-  attention.layer_norm_rms_epsilon, attention.key_length / value_length, rope.freq_base,
-  rope.dimension_count, vocab_size (plus rope scaling, see below);
-- **tensor names**: llama.cpp's (``token_embd.weight``, ``blk.N.attn_q.weight``, ...,
-  ``output_norm.weight``, ``output.weight`` unless the output layer is tied to the embedding), the
-  inverse of the reader's name map;
-- **Q/K permutation**: ``attn_q`` / ``attn_k`` rows are permuted with
-  :func:`~compress.formats.gguf_reader.permute_qk` (llama.cpp's ``LlamaModel.permute``), which
-  :class:`GGUFReader` undoes exactly;
-- **types** (``method``): a llama.cpp file type (``q4_0`` ... ``q8_0``, ``q4_k_s`` ... ``q6_k``) gives
-  each 2-D weight the type ``llama-quantize`` would (:func:`llama_cpp_type`, a port of
-  ``llama_tensor_get_type`` for Llama without an importance matrix), quantized by our bit-exact ports
-  of llama.cpp's quantizers (:mod:`compress.quant.ggml`, :mod:`compress.quant.kquants`); the file is
-  byte-identical to ``llama-quantize`` run on the F32 export. ``f16`` / ``f32`` use their type
-  everywhere. Norms and every 1-D tensor are F32, as llama.cpp requires.
-- **embeddings**: as ``llama-quantize``: ``output.weight`` -- and ``token_embd.weight`` when it is tied
-  to the output -- at Q6_K (Q8_0 for ``q8_0``, or when rows are not whole blocks of the method's type,
-  as in SmolLM2 with 576 columns), because the output projection dominates the quality loss; an
-  untied ``token_embd`` (a lookup table, not a matmul) takes the method's type. ``embeddings_type=``
-  overrides both.
-- **recipe** of the K-quant mixtures: ``q4_k_m`` / ``q5_k_m`` put ``attn_v`` and ``ffn_down`` of
-  the first and last eighth of the layers and of every third layer between in Q6_K; ``q4_k_s`` puts
-  the first four ``attn_v`` and the first eighth of ``ffn_down`` in Q5_K. A tensor whose rows are not
-  whole 256-element super-blocks falls back as llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1,
-  Q6_K -> Q8_0), and rows that are not whole 32-element blocks to F16, each with a note.
-- **RoPE scaling**: ``linear`` -> ``llama.rope.scaling.type/factor``; ``llama3`` (Llama 3.1+) -> the
-  ``rope_freqs.weight`` tensor computed as ``convert_hf_to_gguf.py`` does; a GGUF input's
-  ``llama.rope.scaling.*`` keys and ``rope_freqs.weight`` tensor are copied. Other scaling types
-  raise :class:`InputError`.
-- **tokenizer** (``tokenizer="auto"``): from a GGUF input every ``tokenizer.*`` key (all
-  ``tokenizer.ggml.*`` plus ``tokenizer.chat_template``) is copied with its GGUF type; from a
-  Hugging Face folder, a byte-level BPE ``tokenizer.json`` ("gpt2" in llama.cpp: GPT-2, Llama 3,
-  SmolLM, Qwen-style vocabularies) is converted as ``convert_hf_to_gguf.py``'s ``_set_vocab_gpt2``
-  does (see :func:`hf_bpe_vocab`); SentencePiece tokenizers (``tokenizer.model``, Llama 1/2,
-  Mistral) are not supported yet and raise :class:`InputError`. ``tokenizer="none"`` writes no
-  tokenizer (llama.cpp cannot run such a file, but every tensor reader can read it).
+- **metadata**, in the converter's order: ``general.architecture = llama``, ``general.type``,
+  ``general.name``, ``llama.*`` (block_count, context_length, embedding_length, feed_forward_length,
+  attention.head_count / head_count_kv, rope.freq_base, attention.layer_norm_rms_epsilon,
+  attention.key_length / value_length), ``general.file_type``, ``llama.vocab_size``,
+  ``llama.rope.dimension_count``, the tokenizer, ``general.quantization_version``;
+- **model card**: a GGUF input's ``general.*`` keys (license, base model, languages, size label...) are
+  carried over;
+- **RoPE scaling**: ``linear`` -> ``llama.rope.scaling.type/factor``; ``llama3`` (Llama 3.1+) -> a
+  ``rope_freqs.weight`` tensor computed as the converter does; a GGUF input's ``llama.rope.scaling.*``
+  keys and ``rope_freqs.weight`` tensor are copied. Other scaling types raise :class:`InputError`;
+- **tokenizer** (``tokenizer="auto"``): every ``tokenizer.*`` key of a GGUF input, with its GGUF type; from
+  a Hugging Face folder, a byte-level BPE ``tokenizer.json`` (:mod:`compress.formats.gguf_tokenizer`).
+  ``tokenizer="none"`` writes none (llama.cpp cannot run such a file; every tensor reader can read it).
 
-Memory: tensors are read, permuted, quantized and written one at a time (``GGUFWriter``'s
-``add_tensor_info`` for all of them first, then ``write_tensor_data`` as each one comes), so peak
-memory is a few tensors. The file is written beside ``out_file`` under a temporary name and renamed
-into place only on success.
+:class:`GGUFSink` declares every tensor (``add_tensor_info``), writes the header, then each tensor's bytes
+as they arrive, under a temporary name renamed into place on commit.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import logging
 import math
-import os
-import re
-import tempfile
-import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,53 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.errors import InputError, OptionError, OutputError
+from compress.errors import InputError
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
-from compress.formats.gguf_reader import LLAMA_GLOBAL_NAMES, LLAMA_LAYER_NAMES, permute_qk
-from compress.metrics import ErrorMetrics, compare
-from compress.quant.ggml import (
-    GGML_TYPES,
-    K_MIXTURES,
-    GGMLConfig,
-    GGMLTensor,
-    ggml_block_size,
-    ggml_nbytes,
-    quantize_ggml,
-)
-
-logger = logging.getLogger(__name__)
+from compress.formats.gguf_tokenizer import add_hf_tokenizer
+from compress.formats.output import OutputFile
+from compress.formats.sink import Encoded, Sink
+from compress.quant.ggml_types import FTYPE_IDS, GGML_TYPES, ggml_nbytes
 
 TOKENIZER_MODES = ("auto", "none")
-TENSOR_TYPES = (*GGML_TYPES, "f16", "f32")
-# method -> gguf.LlamaFileType value (general.file_type)
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14, "q4_k_m": 15,
-              "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
-METHODS = tuple(FILE_TYPES)  # what export_gguf writes: the file types above
-# llama-quantize's fallback when rows are not whole 256-element super-blocks (tensor_type_fallback)
-K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 GGML_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION, written by every llama.cpp converter
-
-# Hugging Face name -> GGUF name: the inverse of the reader's maps, plus biases (optional in llama.cpp).
-_HF_GLOBAL = {hf: gg for gg, hf in LLAMA_GLOBAL_NAMES.items()}
-_HF_LAYER = {hf: gg for gg, hf in LLAMA_LAYER_NAMES.items()}
-_HF_LAYER.update({hf.replace(".weight", ".bias"): gg.replace(".weight", ".bias")
-                  for hf, gg in list(_HF_LAYER.items()) if "proj" in hf})
-_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved; llama.cpp drops them
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # both are general.architecture = llama in llama.cpp
-
-
-def gguf_name(hf_name: str) -> str | None:
-    """The llama.cpp name of a Hugging Face Llama tensor, or None if llama.cpp has no such tensor."""
-    if hf_name in _HF_GLOBAL:
-        return _HF_GLOBAL[hf_name]
-    m = _HF_LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _HF_LAYER:
-        return f"blk.{int(m.group(1))}.{_HF_LAYER[m.group(2)]}"
-    return None
-
-
-# --- config -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -214,283 +142,7 @@ def llama3_rope_factors(p: LlamaParams) -> torch.Tensor:
     return torch.tensor(factors, dtype=torch.float32)
 
 
-# --- what each tensor becomes ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    source: str | None  # Hugging Face name in the reader (None: generated or copied)
-    name: str  # GGUF name
-    shape: tuple[int, ...]  # torch order (GGUF lists it reversed)
-    qtype: str  # a tensor type: GGML_TYPES ("q4_0" ... "q6_k"), "f16" or "f32"
-    permute_heads: int | None = None
-
-    @property
-    def nbytes(self) -> int:
-        if self.qtype in GGML_TYPES:
-            return ggml_nbytes(self.shape, self.qtype)
-        return math.prod(self.shape) * (2 if self.qtype == "f16" else 4)
-
-
-def _use_more_bits(layer: int, n_layers: int) -> bool:
-    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers, and every third between."""
-    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
-
-
-def llama_cpp_type(method: str, name: str, columns: int, n_layers: int, tied: bool) -> tuple[str, str | None]:
-    """The type ``llama-quantize`` gives the 2-D weight ``name`` (GGUF name, rows of ``columns``) for file type
-    ``method``, in a Llama model of ``n_layers`` without experts or an importance matrix; plus a note when it
-    had to fall back for the row length. A port of ``llama_tensor_get_type`` (src/llama-quant.cpp) for the
-    file types we write."""
-    base = K_MIXTURES.get(method, method)
-    qtype = base
-    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
-    if name == "output.weight" or (tied and name == "token_embd.weight"):
-        if columns % ggml_block_size(base):
-            qtype = "q8_0"
-        elif base != "q8_0":
-            qtype = "q6_k"
-    elif name.endswith(".attn_v.weight"):
-        if method in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, n_layers):
-            qtype = "q6_k"
-        elif method == "q4_k_s" and layer < 4:
-            qtype = "q5_k"
-    elif name.endswith(".ffn_down.weight"):
-        if method in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, n_layers):
-            qtype = "q6_k"
-        elif method == "q4_k_s" and layer < n_layers // 8:
-            qtype = "q5_k"
-    note = None
-    if columns % ggml_block_size(qtype):
-        chosen = K_FALLBACK.get(qtype, qtype)
-        if columns % ggml_block_size(chosen):
-            chosen = "f16"
-        note = f"{name} ({columns} columns): {qtype.upper()} -> {chosen.upper()}"
-        qtype = chosen
-    return qtype, note
-
-
-def plan_tensors(infos: list[TensorInfo], p: LlamaParams, method: str, embeddings_type: str | None,
-                 where: str) -> tuple[list[PlannedTensor], list[str]]:
-    """GGUF name, shape and type of every tensor, in the reader's order; plus notes."""
-    notes: list[str] = []
-    fallbacks: list[str] = []
-    plan: list[PlannedTensor] = []
-    for info in infos:
-        if info.name.endswith(_SKIPPED_SUFFIXES):
-            continue
-        if info.name == "lm_head.weight" and p.tied:
-            notes.append("lm_head.weight is tied to the embedding (tie_word_embeddings); not written")
-            continue
-        name = gguf_name(info.name)
-        if name is None:
-            raise InputError(f"tensor '{info.name}' has no llama.cpp counterpart", where=where,
-                             fix="Only Llama-architecture checkpoints (LlamaForCausalLM) can be exported.")
-        if not info.dtype.is_floating_point:
-            raise InputError(f"tensor '{info.name}' is {info.dtype}, not a float tensor", where=where,
-                             fix="Export from a float checkpoint (dequantize it first).")
-        shape = tuple(info.shape)
-        if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
-            qtype = "f32"
-        elif embeddings_type is not None and name in ("token_embd.weight", "output.weight"):
-            qtype = embeddings_type
-            if qtype in GGML_TYPES and shape[-1] % ggml_block_size(qtype):
-                notes.append(f"{name}: rows of {shape[-1]} are not whole {qtype.upper()} blocks; written as F16")
-                qtype = "f16"
-        elif method in ("f16", "f32"):
-            qtype = method
-        else:
-            qtype, note = llama_cpp_type(method, name, shape[-1], p.layers, p.tied)
-            if note:
-                fallbacks.append(note)
-        permute = None
-        if name.endswith((".attn_q.weight", ".attn_q.bias")):
-            permute = p.heads
-        elif name.endswith((".attn_k.weight", ".attn_k.bias")):
-            permute = p.kv_heads
-        plan.append(PlannedTensor(info.name, name, shape, qtype, permute))
-    if fallbacks:
-        notes.append(f"{len(fallbacks)} tensors have rows that are not whole blocks of their type and fell back as "
-                     "llama-quantize does: " + "; ".join(fallbacks[:3]) + ("; ..." if len(fallbacks) > 3 else ""))
-    names = {t.name for t in plan}
-    wanted = ["token_embd.weight", "output_norm.weight"] + ([] if p.tied else ["output.weight"])
-    for i in range(p.layers):
-        wanted += [f"blk.{i}.{leaf}" for leaf in LLAMA_LAYER_NAMES]
-    missing = [n for n in wanted if n not in names]
-    if missing:
-        raise InputError(f"tensor '{missing[0]}' (GGUF name) is missing ({len(missing)} missing in all)",
-                         where=where, fix="The checkpoint is incomplete or not a LlamaForCausalLM.")
-    return plan, notes
-
-
-# --- tokenizer -------------------------------------------------------------------------------------------
-
-# llama.cpp's convert_hf_to_gguf.py identifies a BPE pre-tokenizer by encoding this text and hashing the ids.
-_CHKTXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
-    "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
-    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
-    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
-)
-# chkhsh -> tokenizer.ggml.pre, for the byte-level BPE vocabularies of llama-architecture models
-# (from convert_hf_to_gguf.py's get_vocab_base_pre).
-_KNOWN_PRE_HASHES = {
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3
-    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
-    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
-    "6221ad2852e85ce96f791f476e0b390cf9b474c9e3d1362f53a24a06dc8220ff": "refact",
-    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
-    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
-}
-# Llama 3's split regex (tokenizer.json pre_tokenizer Split pattern), which llama.cpp calls "llama-bpe".
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
-
-
-def _looks_special(token: str) -> bool:
-    """convert_hf_to_gguf.py's ``does_token_look_special``."""
-    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-            or (token.startswith("<|") and token.endswith("|>"))
-            or (token.startswith("<｜") and token.endswith("｜>"))
-            or (token.startswith("<unused") and token.endswith(">")))
-
-
-def _pre_from_structure(tok: dict[str, Any]) -> str | None:
-    """The llama.cpp pre-tokenizer whose regexes are exactly this tokenizer.json's, if one is."""
-    pre = tok.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"  # "\p{N}" then GPT-2's regex (also llama.cpp's starcoder/refact)
-    if (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True)
-            and (steps[0].get("pattern") or {}).get("Regex") == _LLAMA3_PATTERN):
-        return "llama-bpe"
-    return None
-
-
-def _pre_from_hash(tokenizer_json: dict[str, Any]) -> str | None:
-    """llama.cpp's identification: sha256 of the ids of :data:`_CHKTXT` (None without ``tokenizers``)."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        return None
-    try:
-        ids = Tokenizer.from_str(json.dumps(tokenizer_json)).encode(_CHKTXT).ids
-    except Exception as e:  # the tokenizers library has no common exception base
-        logger.debug("tokenizers cannot load tokenizer.json: %s", e)
-        return None
-    return _KNOWN_PRE_HASHES.get(hashlib.sha256(str(ids).encode()).hexdigest())
-
-
-@dataclass
-class BPEVocab:
-    """A byte-level BPE vocabulary in llama.cpp's terms."""
-
-    tokens: list[str]
-    token_types: list[int]
-    pre: str
-    pre_source: str  # "hash" (llama.cpp's own identification) or "structure"
-
-
-def hf_bpe_vocab(tokenizer_json: dict[str, Any], vocab_size: int, where: str) -> BPEVocab:
-    """Tokens, token types and pre-tokenizer name of a byte-level BPE ``tokenizer.json``.
-
-    As ``convert_hf_to_gguf.py``'s ``get_vocab_base``: ids ``0..vocab_size-1`` (the model's vocabulary
-    size), missing ids as ``[PAD{i}]`` (UNUSED), added tokens CONTROL when ``special`` or when they
-    look special (``<|...|>``), else USER_DEFINED, all others NORMAL. The pre-tokenizer is identified
-    by llama.cpp's hash of the ids of a test text (needs the ``tokenizers`` package), else from the
-    structure of ``pre_tokenizer`` when it is exactly one llama.cpp implements (GPT-2, SmolLM,
-    Llama 3). Differences from llama.cpp: added tokens are not re-normalised through
-    encode/decode (a no-op for byte-level BPE special tokens).
-    """
-    fix = "Pass tokenizer='none' to write the GGUF without a tokenizer (llama.cpp cannot run it then)."
-    model = tokenizer_json.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else model.get("type")
-        raise InputError(f"tokenizer.json is {kind}; only byte-level BPE (GPT-2 / Llama 3 style) tokenizers "
-                         "can be carried into GGUF yet", where=where, fix=fix)
-    vocab: dict[str, int] = dict(model.get("vocab") or {})
-    added = {t["id"]: t for t in tokenizer_json.get("added_tokens", []) if isinstance(t, dict) and "id" in t}
-    reverse = {i: tok for tok, i in vocab.items()}
-    for i, t in added.items():
-        reverse[i] = t["content"]
-    if reverse and max(reverse) >= vocab_size:
-        raise InputError(f"tokenizer has token id {max(reverse)} but the model's vocabulary is {vocab_size}",
-                         where=where, fix="Use the tokenizer that belongs to this checkpoint.")
-    tokens, types = [], []
-    for i in range(vocab_size):
-        tok = reverse.get(i)
-        if tok is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(_TOKEN_UNUSED)
-        elif i in added:
-            if added[i].get("special") or _looks_special(tok):
-                types.append(_TOKEN_CONTROL)
-            else:
-                tok = tok.replace("\u2581", " ")
-                types.append(_TOKEN_USER_DEFINED)
-            tokens.append(tok)
-        else:
-            tokens.append(tok)
-            types.append(_TOKEN_NORMAL)
-    pre, source = _pre_from_hash(tokenizer_json), "hash"
-    if pre is None:
-        pre, source = _pre_from_structure(tokenizer_json), "structure"
-    if pre is None:
-        raise InputError("the tokenizer's pre-tokenizer is not one llama.cpp is known to implement (checked by "
-                         "llama.cpp's hash and by structure: GPT-2, SmolLM, Llama 3)", where=where, fix=fix)
-    return BPEVocab(tokens, types, pre, source)
-
-
-def _add_hf_tokenizer(writer: Any, reader: CheckpointReader, p: LlamaParams, where: str) -> dict[str, Any]:
-    """Convert a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) into ``writer``."""
-    import gguf
-
-    extra = reader.extra_files()
-    fix = "Pass tokenizer='none' to write the GGUF without a tokenizer (llama.cpp cannot run it then)."
-    if "tokenizer.json" not in extra:
-        sp = " (tokenizer.model, SentencePiece, is not supported yet)" if "tokenizer.model" in extra else ""
-        raise InputError(f"checkpoint has no tokenizer.json to carry into the GGUF{sp}", where=where, fix=fix)
-    with tempfile.TemporaryDirectory(prefix="compress-gguf-vocab-") as tmp:
-        folder = Path(tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "chat_template.jinja", "chat_template.json"):
-            src = extra.get(name)
-            if src is not None:
-                (folder / name).write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
-        if isinstance(reader.config, dict):
-            (folder / "config.json").write_text(json.dumps(reader.config), encoding="utf-8")
-        try:
-            tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"tokenizer.json is not valid JSON ({e})", where=where, fix=fix) from e
-        vocab = hf_bpe_vocab(tokenizer_json, p.vocab, where)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(vocab.pre)
-        writer.add_token_list(vocab.tokens)
-        writer.add_token_types(vocab.token_types)
-        special = gguf.SpecialVocab(folder, load_merges=True)
-        special.add_to_gguf(writer, quiet=True)
-        # convert_hf_to_gguf.py's LlamaModel.set_vocab adds these two
-        config_file = folder / "tokenizer_config.json"
-        tokenizer_config = {}
-        if config_file.is_file():
-            with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):
-                tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
-        if isinstance(tokenizer_config, dict) and isinstance(tokenizer_config.get("add_prefix_space"), bool):
-            writer.add_add_space_prefix(tokenizer_config["add_prefix_space"])
-        if p.vocab == 49152:  # llama.cpp's rule for SmolLM / Granite-small vocabularies
-            writer.add_add_bos_token(False)
-    return {"source": "tokenizer.json", "model": "gpt2", "pre": vocab.pre, "pre_identified_by": vocab.pre_source,
-            "tokens": len(vocab.tokens), "merges": len(special.merges)}
-
-
-def _gguf_package_reader(reader: CheckpointReader) -> Any | None:
+def gguf_package_reader(reader: CheckpointReader) -> Any | None:
     """The ``gguf.GGUFReader`` behind a GGUF input (reused when the reader holds one), else None."""
     from compress.formats.gguf_reader import GGUFReader
 
@@ -541,109 +193,76 @@ def _copy_fields(writer: Any, src: Any, prefixes: tuple[str, ...], notes: list[s
         copied.append(key)
     return copied
 
-
-# --- writing -------------------------------------------------------------------------------------------
-
-
-def _tensor_bytes(t: torch.Tensor, planned: PlannedTensor,
-                  measure: bool = False) -> tuple[np.ndarray | None, ErrorMetrics | None]:
-    """The GGUF bytes of one tensor (torch order in, already permuted) as a numpy array, or None if
-    the tensor holds NaN/inf (or values its GGUF type cannot represent); with ``measure``, the error
-    of what is stored against ``t`` (None for exact F32 copies)."""
-    if planned.qtype in GGML_TYPES:
-        q = quantize_ggml(t, GGMLConfig(planned.qtype))
-        if not q.scales_finite():  # NaN/inf reach the block scales
-            return None, None
-        return q.packed().numpy(), (compare(t, q.dequantize(torch.float32)) if measure else None)
-    out = t.float()  # bf16/f16 -> f32 exactly; f16 output rounds from f32, as llama.cpp's converter does
-    if planned.qtype == "f16":
-        out = out.half()
-    if not bool(torch.isfinite(out).all()):
-        return None, None
-    # F32 copies of f32/bf16/f16 tensors are exact; only F16 from another dtype rounds
-    metrics = compare(t, out) if measure and planned.qtype == "f16" and t.dtype != torch.float16 else None
-    return np.ascontiguousarray(out.numpy()), metrics
+# --- the file -------------------------------------------------------------------------------------------
 
 
-def _model_name(reader: CheckpointReader) -> str:
-    """The input folder's name (or a single file's stem): what convert_hf_to_gguf.py calls the model."""
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """A tensor as declared in the file: GGUF name, shape (torch order; GGUF lists it reversed) and type (a
+    GGML block type, ``f16`` or ``f32``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+
+    @property
+    def nbytes(self) -> int:
+        if self.qtype in GGML_TYPES:
+            return ggml_nbytes(self.shape, self.qtype)
+        return math.prod(self.shape) * (2 if self.qtype == "f16" else 4)
+
+
+def model_name(reader: CheckpointReader) -> str:
+    """``general.name``: a GGUF input's own, else the input folder's name (or a single file's stem), as
+    convert_hf_to_gguf.py does; never the output path, so that the bytes do not depend on it."""
+    src = gguf_package_reader(reader)
+    field = src.fields.get("general.name") if src is not None else None
+    if field is not None:
+        return bytes(field.parts[-1]).decode("utf-8", "replace")
     path = Path(reader.path)
     return path.name if path.is_dir() else path.stem
 
 
-def _check_out_file(out_file: Path, reader: CheckpointReader, force: bool) -> None:
-    src = Path(reader.path)
-    if out_file.resolve() == src.resolve() or src.resolve() in out_file.resolve().parents:
-        raise OutputError(f"output {out_file} overlaps the input {src}", fix="Choose a different output path.")
-    if out_file.exists() or out_file.is_symlink():
-        if out_file.is_dir():
-            raise OutputError(f"output {out_file} is a folder", fix="Give a file path ending in .gguf.")
-        if not force:
-            raise OutputError(f"output {out_file} already exists",
-                              fix="Pass force=True to replace it, or choose another path.")
+class GGUFSink(Sink):
+    """The GGUF file ``out`` for ``reader``'s model: metadata and every tensor's info are written on
+    construction (errors in the metadata, such as an unconvertible tokenizer, surface before any tensor is
+    computed), then :meth:`write` takes each declared tensor in order. The file is staged under a temporary
+    name (``staging``, where sidecar files can be staged too) until :meth:`commit`."""
 
+    def __init__(self, out: Path, *, force: bool, reader: CheckpointReader, params: LlamaParams, file_type: str,
+                 tensors: Sequence[GGUFTensorInfo], tokenizer: str = "auto", name: str | None = None) -> None:
+        import gguf
 
-def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], method: str = "q4_0", *,
-                embeddings_type: str | None = None, tokenizer: str = "auto", name: str | None = None,
-                force: bool = False, measure: bool = False,
-                progress: Callable[[str, int], None] | None = None,
-                quantized: Callable[[PlannedTensor, torch.Tensor], tuple[GGMLTensor, torch.Tensor] | None]
-                | None = None) -> dict[str, Any]:
-    """Write ``reader``'s Llama model as a llama.cpp GGUF file; returns a report (see below).
+        self.staging = OutputFile(out, force=force, must_exist_parent=True).__enter__()
+        self.notes: list[str] = []
+        self.tokenizer: dict[str, Any] | None = None
+        self.finished = False
+        self.writer = gguf.GGUFWriter(str(self.staging.path), "llama")
+        try:
+            prelude = self._metadata(reader, params, file_type, tokenizer, name or model_name(reader))
+            self.tensors = [t for t, _ in prelude] + list(tensors)
+            for t in self.tensors:
+                self.writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes,
+                                            raw_dtype=gguf.GGMLQuantizationType[t.qtype.upper()])
+            self.writer.write_header_to_file()
+            self.writer.write_kv_data_to_file()
+            self.writer.write_ti_data_to_file()
+            for _, data in prelude:
+                self.writer.write_tensor_data(data)
+        except BaseException:
+            self.abort()
+            raise
+        self._next = len(prelude)
 
-    Args:
-        reader: any open checkpoint (``open_checkpoint(path)``) of a Llama-architecture model.
-        out_file: the ``.gguf`` to write (replaced only with ``force``); written via a temporary file
-            beside it and renamed on success.
-        method: a llama.cpp file type (``METHODS``: ``q4_0`` ... ``q6_k``; see the module docstring), ``f16``
-            or ``f32``.
-        embeddings_type: one tensor type (``q4_0`` ... ``q8_0``, ``q4_k``, ``q5_k``, ``q6_k``, ``f16``, ``f32``)
-            for ``token_embd`` and ``output`` (default: llama-quantize's choice).
-        tokenizer: ``"auto"`` (carry the tokenizer; error if it cannot be) or ``"none"``.
-        name: ``general.name`` (default: the source GGUF's, else the input's folder or file name, as
-            ``convert_hf_to_gguf.py`` does; never the output path, so that the bytes do not depend on it).
-        force: replace an existing ``out_file``.
-        measure: compute the error of every quantized (or F16-rounded) tensor against its source
-            (``metrics`` in its ``tensors`` entry: rel_fro, sqnr_db, max_abs, cosine).
-        progress: called with (source name, source bytes) after each tensor is written.
-        quantized: optional hook for quantized tensors: given the planned tensor and its (permuted)
-            float values, return ``(GGMLTensor, reference)`` to store that tensor instead of quantizing the
-            values (the error is then measured against ``reference``), or None for the normal path.
+    def _metadata(self, reader: CheckpointReader, p: LlamaParams, file_type: str, tokenizer: str,
+                  name: str) -> list[tuple[GGUFTensorInfo, np.ndarray]]:
+        """Write every metadata key; returns the tensors the metadata implies (rope_freqs) with their data."""
+        import gguf
 
-    Returns:
-        ``{"file", "method", "file_type", "bytes", "tensors": [{"name", "source", "type", "shape",
-        "bytes"}...], "by_type": {TYPE: {"tensors", "params", "bytes"}}, "tokenizer": {...} | None,
-        "notes": [...]}``; ``shape`` in GGUF order (innermost first), ``bytes`` without padding.
-    """
-    import gguf
-
-    if method not in METHODS:
-        raise OptionError(f"GGUF method must be one of {', '.join(METHODS)}, got {method!r}")
-    if embeddings_type is not None and embeddings_type not in TENSOR_TYPES:
-        raise OptionError(f"embeddings type must be one of {', '.join(TENSOR_TYPES)}, got {embeddings_type!r}")
-    if tokenizer not in TOKENIZER_MODES:
-        raise OptionError(f"tokenizer must be one of {', '.join(TOKENIZER_MODES)}, got {tokenizer!r}")
-    out_file = Path(out_file)
-    where = str(reader.path)
-    _check_out_file(out_file, reader, force)
-    infos = reader.infos()
-    p = llama_params(reader.config, infos, where)
-    plan, notes = plan_tensors(infos, p, method, embeddings_type, where)
-    if isinstance(reader.config, dict) and reader.config.get("attention_bias"):
-        notes.append("attention biases are written (llama.cpp reads them); compress' GGUF reader does not")
-    src = _gguf_package_reader(reader)
-
-    parent = out_file.parent if str(out_file.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"folder {parent} does not exist", fix="Create it or choose another output path.")
-    tmp = parent / f".{out_file.name}.tmp-{uuid.uuid4().hex[:8]}"
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    try:
-        # metadata, in convert_hf_to_gguf.py's order
+        writer, notes, where = self.writer, self.notes, str(reader.path)
+        src = gguf_package_reader(reader)
         writer.add_type("model")
-        source_name = src.fields.get("general.name") if src is not None else None
-        writer.add_name(name or (bytes(source_name.parts[-1]).decode("utf-8", "replace") if source_name
-                                 else _model_name(reader)))
+        writer.add_name(name)
         writer.add_block_count(p.layers)
         if p.context is not None:
             writer.add_context_length(p.context)
@@ -655,7 +274,7 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
         writer.add_layer_norm_rms_eps(p.rms_eps)
         writer.add_key_length(p.head_dim)
         writer.add_value_length(p.head_dim)
-        writer.add_file_type(FILE_TYPES[method])
+        writer.add_file_type(FTYPE_IDS[file_type])
         writer.add_vocab_size(p.vocab)
         writer.add_rope_dimension_count(p.head_dim)
         rope_freqs: np.ndarray | None = None
@@ -679,87 +298,47 @@ def export_gguf(reader: CheckpointReader, out_file: str | os.PathLike[str], meth
             else:
                 raise InputError(f"RoPE scaling type {kind!r} is not supported for GGUF export yet", where=where,
                                  fix="Only linear and llama3 RoPE scaling can be exported.")
-        # tokenizer
-        tok_report: dict[str, Any] | None = None
         if tokenizer == "auto":
             if src is not None:
                 keys = _copy_fields(writer, src, ("tokenizer.",), notes)
                 if "tokenizer.ggml.model" not in keys:
                     raise InputError("the source GGUF has no tokenizer (tokenizer.ggml.model)", where=where,
                                      fix="Pass tokenizer='none' to export without one.")
-                tok_report = {"source": "gguf", "keys": keys}
+                self.tokenizer = {"source": "gguf", "keys": keys}
             else:
-                tok_report = _add_hf_tokenizer(writer, reader, p, where)
+                self.tokenizer = add_hf_tokenizer(writer, reader.extra_files(), reader.config, p.vocab, where)
         writer.add_quantization_version(GGML_QUANT_VERSION)
+        if rope_freqs is None:
+            return []
+        return [(GGUFTensorInfo("rope_freqs.weight", tuple(rope_freqs.shape), "f32"), rope_freqs)]
 
-        # tensor infos, then data one tensor at a time
-        extra: list[tuple[PlannedTensor, np.ndarray]] = []
-        if rope_freqs is not None:
-            extra.append((PlannedTensor(None, "rope_freqs.weight", tuple(rope_freqs.shape), "f32"), rope_freqs))
-        all_tensors = [t for t, _ in extra] + plan
-        for t in all_tensors:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType[t.qtype.upper()])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for _t, data in extra:
-            writer.write_tensor_data(data)
-        measured: dict[str, ErrorMetrics] = {}
-        reader_bytes = {i.name: i.nbytes for i in infos}
-        for t in plan:
-            assert t.source is not None
-            w = reader.get(t.source)
-            if tuple(w.shape) != t.shape:
-                raise InputError(f"tensor '{t.source}' has shape {list(w.shape)}, its header said "
-                                 f"{list(t.shape)}", where=where, fix="The checkpoint is corrupt.")
-            if t.permute_heads is not None:
-                w = permute_qk(w, t.permute_heads)
-            custom = quantized(t, w) if quantized is not None and t.qtype in GGML_TYPES else None
-            if custom is not None:  # the caller made this tensor itself (e.g. an update folded into Q4_1 minimums)
-                q, reference = custom
-                data = q.packed().numpy() if q.scales_finite() else None
-                metrics = compare(reference, q.dequantize(torch.float32)) if measure and data is not None else None
-            else:
-                data, metrics = _tensor_bytes(w, t, measure)
-            if metrics is not None:
-                measured[t.name] = metrics
-            del w
-            if data is None:
-                raise InputError(f"tensor '{t.source}' contains NaN or inf, or values too large for "
-                                 f"{t.qtype.upper()}", where=where,
-                                 fix="Fix the checkpoint; llama.cpp cannot use non-finite weights.")
-            writer.write_tensor_data(data)
-            del data
-            if progress is not None:
-                progress(t.source, reader_bytes.get(t.source, 0))
-        writer.close()
-        if out_file.exists() and not force:  # appeared while we were writing
-            raise OutputError(f"output {out_file} already exists", fix="Pass force=True to replace it.")
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    def write(self, name: str, tensor: Encoded) -> None:
+        if self._next >= len(self.tensors):
+            raise RuntimeError(f"tensor {name!r} was not declared")
+        declared = self.tensors[self._next]
+        if declared.name != name or declared.nbytes != tensor.nbytes:
+            raise RuntimeError(f"declared {declared}, got {name} ({tensor.nbytes} bytes)")
+        self.writer.write_tensor_data(tensor.data)
+        self._next += 1
 
-    by_type: dict[str, dict[str, int]] = {}
-    tensors = []
-    for t in all_tensors:
-        qname = t.qtype.upper()
-        entry = by_type.setdefault(qname, {"tensors": 0, "params": 0, "bytes": 0})
-        entry["tensors"] += 1
-        entry["params"] += math.prod(t.shape)
-        entry["bytes"] += t.nbytes
-        entry_out: dict[str, Any] = {"name": t.name, "source": t.source, "type": qname,
-                                     "shape": list(reversed(t.shape)), "bytes": t.nbytes}
-        if t.name in measured:
-            entry_out["metrics"] = measured[t.name].as_dict()
-        tensors.append(entry_out)
-    return {"file": str(out_file), "method": method, "file_type": FILE_TYPES[method],
-            "bytes": out_file.stat().st_size, "tensors": tensors, "by_type": by_type, "tokenizer": tok_report,
-            "notes": notes}
+    def finish(self) -> None:
+        """Complete the file (still under its temporary name: sidecars can be staged beside it now)."""
+        if self._next != len(self.tensors):
+            raise RuntimeError(f"only {self._next} of {len(self.tensors)} declared tensors were written")
+        self.writer.close()
+        self.finished = True
 
+    @property
+    def bytes(self) -> int:
+        """Size of the finished file."""
+        return (self.staging.out if self.committed else self.staging.path).stat().st_size
 
-__all__ = ["METHODS", "LlamaParams", "PlannedTensor", "export_gguf", "gguf_name", "hf_bpe_vocab", "llama_params",
-           "plan_tensors"]
+    def commit(self) -> None:
+        if not self.finished:
+            self.finish()
+        self.staging.commit()
+        self.committed = True
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.staging.abort()

@@ -3,7 +3,6 @@ the ``FORMATS`` registry) as float checkpoints, one tensor at a time."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 from compress.errors import InputError
 from compress.formats import FORMATS, detect_format
 from compress.formats.base import WeightFormat, parse_dtype
-from compress.formats.checkpoint import CheckpointReader, TensorInfo, open_checkpoint
+from compress.formats.checkpoint import CheckpointReader, TensorInfo
 from compress.quant.base import QuantizedTensor
 
 # config.json quantization_config.quant_method -> our layout name
@@ -104,13 +103,3 @@ def format_of(reader: CheckpointReader) -> WeightFormat | None:
         if isinstance(fmt, WeightFormat):
             return fmt
     return detect_format({i.name for i in reader.infos()})
-
-
-def open_model(path: str | os.PathLike[str]) -> CheckpointReader:
-    """Open any checkpoint as float tensors: quantized layouts are dequantized tensor by tensor."""
-    reader = open_checkpoint(path)
-    fmt = format_of(reader)
-    if fmt is None:
-        return reader
-    return DequantizingReader(reader, fmt)
-

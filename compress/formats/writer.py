@@ -1,4 +1,4 @@
-"""Writing checkpoints: a streaming safetensors shard writer and an atomic output folder.
+"""Writing checkpoint folders: a streaming safetensors shard writer, and the folder sink built on it.
 
 The safetensors library writes a file from a dict of tensors held in memory. To keep peak memory
 independent of model size we lay the shards out in advance (every output tensor's name, dtype
@@ -10,19 +10,15 @@ a multiple of 8, then the tensors' bytes back to back in header order.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from compress.errors import OutputError
+from compress.formats.output import OutputFolder, write_json
+from compress.formats.sink import Encoded, Sink, encode
 
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -95,6 +91,7 @@ class ShardedWriter:
         self._pos = 0
         self._file: BinaryIO | None = None
         self._file_index = -1
+        self.closed = False
 
     def _open(self, index: int) -> BinaryIO:
         if self._file is not None:
@@ -104,15 +101,16 @@ class ShardedWriter:
         self._file_index = index
         return self._file
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | Encoded) -> None:
         if self._pos >= len(self._queue):
             raise RuntimeError(f"tensor {name!r} was not planned")
         index, spec = self._queue[self._pos]
-        if spec.name != name or spec.dtype != tensor.dtype or spec.shape != tuple(tensor.shape):
-            raise RuntimeError(f"planned {spec}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        encoded = tensor if isinstance(tensor, Encoded) else encode(tensor)
+        if (spec.name != name or encoded.dtype != str(spec.dtype).removeprefix("torch.")
+                or spec.shape != encoded.shape or encoded.nbytes != spec.nbytes):
+            raise RuntimeError(f"planned {spec}, got {name} {encoded.dtype} {encoded.shape} ({encoded.nbytes} bytes)")
         f = self._file if index == self._file_index and self._file is not None else self._open(index)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        f.write(memoryview(data))
+        f.write(memoryview(encoded.data))
         self._pos += 1
 
     def abort(self) -> None:
@@ -122,6 +120,7 @@ class ShardedWriter:
             self._file = None
 
     def close(self) -> None:
+        self.closed = True
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -137,65 +136,42 @@ class ShardedWriter:
             write_json(self.folder / "model.safetensors.index.json", index)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Deterministic, human-readable JSON (sorted keys would reorder configs, so keep insertion order),
-    written to a temporary file beside ``path`` and renamed, so ``path`` is never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+class FolderSink(Sink):
+    """A checkpoint folder: the declared tensors as safetensors shards in a staged folder (``folder``), where
+    the caller also puts config.json and the other files; :meth:`commit` renames it into place."""
+
+    def __init__(self, out: Path, *, force: bool, specs: list[TensorSpec], shard_bytes: int) -> None:
+        self.staging = OutputFolder(out, force=force).__enter__()
+        self.folder = self.staging.path
+        self.bytes = sum(s.nbytes for s in specs)
+        try:
+            self.writer = ShardedWriter(self.folder, specs, shard_bytes)
+        except BaseException:
+            self.staging.abort()
+            raise
+
+    def write(self, name: str, tensor: Encoded) -> None:
+        self.writer.write(name, tensor)
+
+    def close_weights(self) -> None:
+        """Finish the shards and the index (the folder's other files may still be added)."""
+        self.writer.close()
+
+    def commit(self) -> None:
+        if not self.writer.closed:
+            self.writer.close()
+        self.staging.commit()
+        self.committed = True
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.staging.abort()
 
 
-def check_output_path(out: Path, *, force: bool, inputs: list[Path]) -> None:
-    """Refuse outputs that would lose data: existing without --force, or overlapping an input."""
-    out_abs = out.resolve()
-    for src in inputs:
-        src_abs = src.resolve()
-        if out_abs == src_abs or out_abs in src_abs.parents or src_abs in out_abs.parents:
-            raise OutputError(f"output {out} overlaps the input {src}", fix="Choose a different output path.")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise OutputError(f"output {out} already exists", fix="Pass --force to replace it, or choose another path.")
-        if not out.is_dir() or out.is_symlink():
-            raise OutputError(f"output {out} exists and is not a folder",
-                              fix="Remove it or choose another path (--force only replaces folders).")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` by rename.
-
-    On any error the temporary folder, and the parent folders made for it, are removed and ``out``
-    is left as it was.
-    """
-    parent = out.parent if str(out.parent) else Path(".")
-    created = [p for p in (parent, *parent.parents) if not p.exists()]  # innermost first
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create folder {parent} ({e.strerror})",
-                          fix="Choose an output path you can write to.") from e
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"folder {parent} is not writable", fix="Choose an output path you can write to.")
-    tmp = parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            if not force:  # appeared while we were working
-                raise OutputError(f"output {out} already exists", fix="Pass --force to replace it.")
-            backup = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:
-            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
-                folder.rmdir()
-        raise
+def write_model_files(folder: Path, config: dict[str, Any] | None, extra_files: dict[str, bytes | Path]) -> None:
+    """The non-weight files of a checkpoint folder: config.json (when given) and the files carried over from
+    the input (tokenizer, generation config, ...: name -> content or source path)."""
+    if config is not None:
+        write_json(folder / "config.json", config)
+    for name, source in extra_files.items():
+        (folder / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())

@@ -1,28 +1,23 @@
-"""Merging LoRA adapters into a base model: reading adapters as PEFT defines them
-(:mod:`compress.merge.adapter`) and combining several adapters' dense deltas
-(:mod:`compress.merge.combine`). Pure math apart from reading the adapter files; the stream over a
-checkpoint lives in :mod:`compress.pipeline.merge`."""
+"""Merging LoRA adapters into a base model, as pure math: each module's weight change as PEFT defines it
+(:mod:`compress.merge.lora`), combining several adapters' dense deltas (:mod:`compress.merge.combine`) and
+putting an update into quantized weights (:mod:`compress.merge.requant`). Reading adapter files is
+:mod:`compress.formats.peft_adapter`; the stream over a checkpoint is :mod:`compress.pipeline.merge`."""
 
-from compress.merge.adapter import (
+from compress.merge.combine import COMBINE_METHODS, CombineMethod, make_combine
+from compress.merge.lora import (
     QALORA_POOLING,
-    AdapterConfig,
-    LoraAdapter,
     LoraModule,
     bias_delta,
     dora_merge,
     expand_group_delta,
     module_delta,
     qalora_group_delta,
-    read_adapter,
 )
-from compress.merge.combine import COMBINE_METHODS, CombineMethod, make_combine
 
 __all__ = [
     "COMBINE_METHODS",
     "QALORA_POOLING",
-    "AdapterConfig",
     "CombineMethod",
-    "LoraAdapter",
     "LoraModule",
     "bias_delta",
     "dora_merge",
@@ -30,5 +25,4 @@ __all__ = [
     "make_combine",
     "module_delta",
     "qalora_group_delta",
-    "read_adapter",
 ]

@@ -8,19 +8,25 @@ then execute; every skipped change is reported, never silently dropped.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from compress.errors import InputError
 from compress.formats.checkpoint import CheckpointReader
-from compress.formats.peft_adapter import AdapterModule, AdapterSpec
+from compress.formats.inputs import open_model
+from compress.formats.output import check_output, write_json
+from compress.formats.peft_adapter import AdapterModule, AdapterSink, AdapterSpec
+from compress.formats.sink import decode, encode
 from compress.lowrank.svd import RankRule, low_rank, pick_engine
 from compress.metrics import frobenius_norm
+from compress.pipeline.execute import execute
+from compress.pipeline.extract_report import Dropped, ExtractReport, ModuleRow, Unchanged
 from compress.pipeline.plan import EMBEDDING_PATTERN, HEAD_PATTERN, compile_regex, default_choice
-from compress.pipeline.report import human_bytes
+from compress.pipeline.run import RunOptions, json_safe, write_provenance
+from compress.pipeline.tasks import ModelSource, Task, TaskContext, TaskResult
 
 EMBEDDING_MODES = ("skip", "lora", "full")
 
@@ -146,135 +152,18 @@ def plan_extraction(base: CheckpointReader, tuned: CheckpointReader, options: Ex
     return plan
 
 
-@dataclass
-class ModuleRow:
-    module: str
-    shape: tuple[int, ...]
-    kind: str
-    rank: int
-    retained_energy: float
-    rel_error: float  # measured ||dW - B A||_F / ||dW||_F
-    eckart_young: float  # sqrt(1 - retained energy) from the computed singular values
-    delta_rel: float  # ||dW||_F / ||W_base||_F
-    params: int
-    engine: str
+@dataclass(frozen=True)
+class ExtractDelta(Task):
+    """One tensor pair: the delta's factors (``A``, ``B``), the tuned tensor whole (``full``), the bias delta
+    (``bias``), or only its size when it is not extracted; rows say what happened."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"module": self.module, "shape": list(self.shape), "kind": self.kind, "rank": self.rank,
-                "retained_energy": self.retained_energy, "rel_error": self.rel_error,
-                "eckart_young_rel_error": self.eckart_young, "delta_rel_to_base": self.delta_rel,
-                "params": self.params, "engine": self.engine}
+    entry: PairPlan
+    options: ExtractOptions
 
-
-@dataclass
-class ExtractReport:
-    rule: dict[str, Any]
-    rows: list[ModuleRow] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    dropped: list[dict[str, Any]] = field(default_factory=list)  # changed but not in the adapter
-    adapter_bytes: int = 0
-    delta_bytes: int = 0  # the dense deltas of the extracted modules, float32
-    notes: list[str] = field(default_factory=list)
-
-    def totals(self) -> dict[str, Any]:
-        lora = [r for r in self.rows if r.kind in ("lora", "embedding-lora")]
-        worst = min(lora, key=lambda r: (r.retained_energy, r.module), default=None)
-        return {
-            "modules_extracted": len(lora),
-            "modules_saved_whole": sum(r.kind == "full" for r in self.rows),
-            "bias_deltas": sum(r.kind == "bias" for r in self.rows),
-            "modules_unchanged": len(self.unchanged),
-            "changes_dropped": len(self.dropped),
-            "adapter_bytes": self.adapter_bytes,
-            "delta_bytes": self.delta_bytes,
-            "adapter_to_delta": self.adapter_bytes / self.delta_bytes if self.delta_bytes else 0.0,
-            "mean_retained_energy": sum(r.retained_energy for r in lora) / len(lora) if lora else 1.0,
-            "worst_retained_energy": worst.retained_energy if worst else 1.0,
-            "worst_module": worst.module if worst else None,
-            "max_rel_error": max((r.rel_error for r in lora), default=0.0),
-            "ranks": sorted({r.rank for r in lora}),
-        }
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "totals": self.totals(), "notes": self.notes,
-                "modules": [r.as_dict() for r in sorted(self.rows, key=lambda r: (r.retained_energy, r.module))],
-                "unchanged": self.unchanged, "dropped": self.dropped}
-
-    def to_markdown(self) -> str:
-        t = self.totals()
-        lines = [
-            "# LoRA extraction report", "", f"Rank rule: `{self.rule}`", "",
-            "| total | value |", "|---|---|",
-            f"| modules extracted / saved whole / bias deltas | {t['modules_extracted']} / "
-            f"{t['modules_saved_whole']} / {t['bias_deltas']} |",
-            f"| modules unchanged (left out) | {t['modules_unchanged']} |",
-            f"| changes dropped (not representable) | {t['changes_dropped']} |",
-            f"| adapter size / dense delta size | {human_bytes(t['adapter_bytes'])} / {human_bytes(t['delta_bytes'])} "
-            f"({t['adapter_to_delta']:.3f}) |",
-            f"| retained energy: mean / worst | {t['mean_retained_energy']:.4f} / {t['worst_retained_energy']:.4f} "
-            f"(`{t['worst_module']}`) |",
-            f"| ranks used | {t['ranks']} |", "",
-        ]
-        if self.notes:
-            lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
-        if self.dropped:
-            lines += ["## Changes not in the adapter", "", "| tensor | reason | ‖ΔW‖/‖W‖ |", "|---|---|---|"]
-            lines += [f"| `{d['name']}` | {d['reason']} | {d['delta_rel_to_base']:.3g} |" for d in self.dropped]
-            lines.append("")
-        lines += ["## Modules (least retained energy first)", "",
-                  "| module | shape | kind | rank | retained energy | rel. error | Eckart-Young | ‖ΔW‖/‖W‖ | params |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(self.rows, key=lambda r: (r.retained_energy, r.module)):
-            lines.append(f"| `{r.module}` | {list(r.shape)} | {r.kind} | {r.rank} | {r.retained_energy:.4f} | "
-                         f"{r.rel_error:.4f} | {r.eckart_young:.4f} | {r.delta_rel:.3g} | {r.params:,} |")
-        return "\n".join(lines) + "\n"
-
-    def rich_tables(self, limit: int = 15) -> list[Any]:
-        from rich.table import Table
-
-        t = self.totals()
-        table = Table(title="extracted modules, least retained energy first"
-                      + (f" (top {limit} of {len(self.rows)})" if len(self.rows) > limit else ""))
-        table.add_column("module", overflow="fold", min_width=24)
-        for col in ("kind", "rank", "retained", "rel. error", "‖ΔW‖/‖W‖"):
-            table.add_column(col, justify="right", no_wrap=True)
-        for r in sorted(self.rows, key=lambda r: (r.retained_energy, r.module))[:limit]:
-            table.add_row(r.module, r.kind, str(r.rank), f"{r.retained_energy:.4f}", f"{r.rel_error:.4f}",
-                          f"{r.delta_rel:.3g}")
-        summary = Table(title="totals", show_header=False)
-        summary.add_column("what")
-        summary.add_column("value", justify="right")
-        summary.add_row("modules extracted / whole / bias", f"{t['modules_extracted']} / {t['modules_saved_whole']}"
-                        f" / {t['bias_deltas']}")
-        summary.add_row("unchanged (left out)", str(t["modules_unchanged"]))
-        summary.add_row("changes dropped", str(t["changes_dropped"]))
-        summary.add_row("adapter / dense delta", f"{human_bytes(t['adapter_bytes'])} / {human_bytes(t['delta_bytes'])}")
-        summary.add_row("retained energy mean / worst", f"{t['mean_retained_energy']:.4f} / "
-                        f"{t['worst_retained_energy']:.4f}")
-        return [table, summary]
-
-
-Progress = Callable[[str, int], None]
-
-
-def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: CheckpointReader, options: ExtractOptions,
-                       *, device: torch.device, base_name: str | None,
-                       progress: Progress | None = None) -> tuple[AdapterSpec, ExtractReport]:
-    """Compute every delta's factors. Returns the adapter (small: rank-r factors) and the report."""
-    rule = options.rule
-    report = ExtractReport(rule={k: v for k, v in vars(rule).items() if v is not None} | {"svd": options.engine},
-                           notes=list(plan.notes))
-    modules: dict[str, AdapterModule] = {}
-    biases: dict[str, tuple[torch.Tensor, float]] = {}  # module -> (bias delta, ||db|| / ||b||)
-    capped = 0
-    for entry in plan.entries:
-        nbytes = math.prod(entry.shape) * 4
-        if entry.action == "skip":
-            if progress:
-                progress(entry.name, nbytes)
-            continue
-        W_base = base.get(entry.name).to(device)
-        W_tuned = tuned.get(entry.name).to(device)
+    def run(self, ctx: TaskContext) -> TaskResult:
+        entry, options, rule = self.entry, self.options, self.options.rule
+        W_base = ctx.read("base", entry.name).to(ctx.device)
+        W_tuned = ctx.read("tuned", entry.name).to(ctx.device)
         dW = W_tuned.float() - W_base.float()
         # A NaN or inf anywhere makes the float64 sum of squares non-finite (finite float32 squares cannot
         # overflow it), so the norm doubles as the finiteness check without another pass.
@@ -286,40 +175,71 @@ def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: Checkpo
         delta_rel = delta_norm / base_norm if base_norm > 0 else (0.0 if delta_norm == 0 else math.inf)
         module = entry.name.rsplit(".", 1)[0]
         if delta_norm == 0:
-            report.unchanged.append(entry.name)
-        elif entry.action == "check":
-            report.dropped.append({"name": entry.name, "reason": entry.reason, "delta_rel_to_base": delta_rel})
-        elif entry.action == "bias":
-            biases[module] = (dW.to("cpu", options.dtype), delta_rel)
-            report.rows.append(ModuleRow(entry.name, entry.shape, "bias", 0, 1.0, 0.0, 0.0, delta_rel,
-                                         dW.numel(), "-"))
-        elif entry.action == "full":
-            modules[module] = AdapterModule(module, "full", weight=W_tuned.to("cpu"))
-            report.rows.append(ModuleRow(module, entry.shape, "full", 0, 1.0, 0.0, 0.0, delta_rel,
-                                         W_tuned.numel(), "-"))
+            return TaskResult([], [Unchanged(entry.name)])
+        if entry.action == "check":
+            return TaskResult([], [Dropped(entry.name, entry.reason, delta_rel)])
+        if entry.action == "bias":
+            row = ModuleRow(entry.name, entry.shape, "bias", 0, 1.0, 0.0, 0.0, delta_rel, dW.numel(), "-")
+            return TaskResult([(f"{entry.name}:bias", encode(dW.to("cpu", options.dtype)))], [row])
+        if entry.action == "full":
+            row = ModuleRow(module, entry.shape, "full", 0, 1.0, 0.0, 0.0, delta_rel, W_tuned.numel(), "-")
+            return TaskResult([(f"{entry.name}:weight", encode(W_tuned.to("cpu")))], [row])
+        embedding = entry.action == "embedding-lora"
+        target = dW.T if embedding else dW  # PEFT's embedding delta is (B @ A)^T
+        lr = low_rank(target, rule, engine=options.engine, oversample=options.oversample, n_iter=options.n_iter,
+                      seed=options.seed, total_energy=delta_norm**2)
+        residual = frobenius_norm(torch.addmm(target, lr.B, lr.A, alpha=-1))
+        row = ModuleRow(module, entry.shape, "embedding-lora" if embedding else "lora", lr.rank, lr.retained_energy,
+                        residual / delta_norm, lr.eckart_young_rel_error, delta_rel, lr.A.numel() + lr.B.numel(),
+                        lr.engine)
+        factors = [(f"{entry.name}:A", encode(lr.A.to("cpu", options.dtype))),
+                   (f"{entry.name}:B", encode(lr.B.to("cpu", options.dtype)))]
+        return TaskResult(factors, [row])
+
+
+class FactorCollector:
+    """Where the executor puts an extraction's tensors (small: rank-r factors), keyed ``ENTRY:PART``, until every
+    rank is known and the adapter is written."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    def write(self, key: str, tensor: Any) -> None:
+        entry, _, part = key.rpartition(":")
+        self.tensors.setdefault(entry, {})[part] = decode(tensor)
+
+
+def extraction_tasks(plan: ExtractPlan, options: ExtractOptions) -> list[ExtractDelta]:
+    return [ExtractDelta(e.name, math.prod(e.shape) * 4, e, options) for e in plan.entries if e.action != "skip"]
+
+
+def build_adapter(plan: ExtractPlan, report: ExtractReport, tensors: dict[str, dict[str, torch.Tensor]],
+                  base: CheckpointReader, options: ExtractOptions, base_name: str | None) -> AdapterSpec:
+    """The adapter from every task's tensors (``tensors[entry name]``), after the rules that need all rows:
+    rank-0 modules are left out, bias deltas ride on their module's LoRA or are reported as dropped."""
+    rule = options.rule
+    modules: dict[str, AdapterModule] = {}
+    biases: dict[str, tuple[torch.Tensor, float]] = {}  # module -> (bias delta, ||db|| / ||b||)
+    rows = {r.module: r for r in report.rows}
+    for entry in plan.entries:
+        parts = tensors.get(entry.name)
+        if not parts:
+            continue
+        module = entry.name.rsplit(".", 1)[0]
+        if "bias" in parts:
+            biases[module] = (parts["bias"], rows[entry.name].delta_rel)
+        elif "weight" in parts:
+            modules[module] = AdapterModule(module, "full", weight=parts["weight"])
         else:
-            embedding = entry.action == "embedding-lora"
-            target = dW.T if embedding else dW  # PEFT's embedding delta is (B @ A)^T
-            if rule.rank is not None and rule.rank > min(target.shape):
-                capped += 1
-            lr = low_rank(target, rule, engine=options.engine, oversample=options.oversample,
-                          n_iter=options.n_iter, seed=options.seed, total_energy=delta_norm**2)
-            residual = frobenius_norm(torch.addmm(target, lr.B, lr.A, alpha=-1))
-            kind = "embedding" if embedding else "linear"
-            modules[module] = AdapterModule(module, kind, A=lr.A.to("cpu", options.dtype),
-                                            B=lr.B.to("cpu", options.dtype))
-            report.rows.append(ModuleRow(module, entry.shape, "embedding-lora" if embedding else "lora", lr.rank,
-                                         lr.retained_energy, residual / delta_norm, lr.eckart_young_rel_error,
-                                         delta_rel, lr.A.numel() + lr.B.numel(), lr.engine))
-            report.delta_bytes += dW.numel() * 4
-        del W_base, W_tuned, dW
-        if progress:
-            progress(entry.name, nbytes)
+            kind = "embedding" if entry.action == "embedding-lora" else "linear"
+            modules[module] = AdapterModule(module, kind, A=parts["A"], B=parts["B"])
+    report.delta_bytes = sum(math.prod(r.shape) * 4 for r in report.rows if r.kind in ("lora", "embedding-lora"))
+    capped = sum(1 for e in plan.entries if e.action in ("lora", "embedding-lora") and e.name in tensors
+                 and rule.rank is not None and rule.rank > min(e.shape))
     zero_rank = [r for r in report.rows if r.kind in ("lora", "embedding-lora") and r.rank == 0]
     for row in zero_rank:  # nothing to write: no singular value qualified under the rule
         modules.pop(row.module, None)
-        report.dropped.append({"name": row.module + ".weight", "reason": "rank 0 under the rank rule",
-                               "delta_rel_to_base": row.delta_rel})
+        report.dropped.append(Dropped(row.module + ".weight", "rank 0 under the rank rule", row.delta_rel))
     if zero_rank:
         report.notes.append(f"{len(zero_rank)} modules kept rank 0 under the rule (no singular value qualified) and "
                             "were left out of the adapter")
@@ -329,10 +249,10 @@ def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: Checkpo
         if module in modules and modules[module].kind == "linear":
             modules[module].bias = bias
             continue
-        weight_row = next((d for d in report.dropped if d["name"] == module + ".weight"), None)
-        rank_zero = weight_row is not None and weight_row["reason"].startswith("rank 0")
+        weight_row = next((d for d in report.dropped if d.name == module + ".weight"), None)
+        rank_zero = weight_row is not None and weight_row.reason.startswith("rank 0")
         reason = "its weight kept rank 0 under the rank rule" if rank_zero else "bias changed but its weight did not"
-        report.dropped.append({"name": module + ".bias", "reason": reason, "delta_rel_to_base": delta_rel})
+        report.dropped.append(Dropped(module + ".bias", reason, delta_rel))
         report.rows = [r for r in report.rows if r.module != module + ".bias"]
     if capped:
         report.notes.append(f"--rank {rule.rank} exceeds the smaller side of {capped} matrices: their rank was capped "
@@ -343,5 +263,51 @@ def execute_extraction(plan: ExtractPlan, base: CheckpointReader, tuned: Checkpo
     spec = AdapterSpec(modules=[modules[m] for m in sorted(modules)], base_model_name_or_path=base_name,
                        task_type=task, all_module_names=all_names)
     report.adapter_bytes = sum(t.numel() * t.element_size() for t in spec.state_dict().values())
-    return spec, report
+    return spec
 
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    base: Path
+    tuned: Path
+    out: Path | None
+    options: ExtractOptions
+    force: bool = False
+
+
+def dry_run_extract(request: ExtractRequest) -> ExtractPlan:
+    with open_model(request.base) as base, open_model(request.tuned) as tuned:
+        return plan_extraction(base, tuned, request.options)
+
+
+def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
+    """Extract the adapter into ``request.out`` (with its report and provenance); returns the report."""
+    out, options = request.out, request.options
+    assert out is not None
+    check_output(out, force=request.force, inputs=[request.base, request.tuned])
+    with open_model(request.base) as base, open_model(request.tuned) as tuned:
+        plan = plan_extraction(base, tuned, options)
+        rule = options.rule
+        report = ExtractReport(rule={k: v for k, v in vars(rule).items() if v is not None} | {"svd": options.engine},
+                               notes=list(plan.notes))
+        tasks = extraction_tasks(plan, options)
+        factors = FactorCollector()
+        run.start("extract-lora", sum(t.nbytes for t in tasks), len(tasks))
+        with AdapterSink(out, force=request.force) as sink:
+            execute(tasks, factors, report.add, sources={"base": ModelSource(str(request.base)),
+                                                         "tuned": ModelSource(str(request.tuned))},
+                    opened={"base": base, "tuned": tuned}, device=run.device, options=run.executor,
+                    progress=run.on_task)
+            spec = build_adapter(plan, report, factors.tensors, base, options, str(request.base))
+            if not spec.modules:
+                raise InputError("the tuned model does not differ from the base in any extractable module",
+                                 fix="Check that --tuned is really the fine-tuned model, or widen --targets.")
+            sink.write_adapter(spec)
+            write_json(sink.folder / "report.json", json_safe(report.as_dict()))
+            (sink.folder / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+            write_provenance(sink.folder / "compress_provenance.json", run, "extract-lora", request.tuned, out,
+                             {"base": str(request.base.resolve()), "rule": report.rule, "targets": options.targets,
+                              "embeddings": options.embeddings, "dtype": str(options.dtype).removeprefix("torch."),
+                              "seed": options.seed, "executor": run.executor.describe()})
+            sink.commit()
+    return report

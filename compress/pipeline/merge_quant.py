@@ -25,16 +25,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from compress.errors import InputError, OptionError
+from compress.formats import FORMATS
 from compress.formats.base import dtype_name
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.quantized import DequantizingReader
-from compress.formats.writer import ShardedWriter
+from compress.formats.sink import encode
 from compress.merge.requant import (
     STRATEGIES,
     MergeOutcome,
@@ -45,15 +45,14 @@ from compress.merge.requant import (
     to_integer_zeros,
 )
 from compress.metrics import compare, frobenius_norm
-from compress.pipeline.merge import MergedReader
+from compress.pipeline.merged import MergedReader, MergeRow
 from compress.pipeline.plan import Plan
-from compress.pipeline.report import KeptRow, QuantizeReport, TensorRow
-from compress.quant import METHODS, config_to_dict
+from compress.pipeline.report import KeptRow, TensorRow
+from compress.pipeline.tasks import CopyTensor, Task, TaskContext, TaskResult
+from compress.quant import METHODS
 from compress.quant.base import QuantizedTensor
 from compress.quant.int4 import AffineInt4Tensor, Int4Config, Int4Tensor
 from compress.quant.nf4 import NF4Config, NF4Tensor
-
-Progress = Callable[[str, int], None]
 
 # What each folder layout stores per group besides the scale (for folding updates into it).
 OFFSETS_BY_FORMAT = {"native": "float", "gptq": "integer", "compressed-tensors": "integer", "bnb": "none"}
@@ -81,12 +80,25 @@ class RequantRow:
                 "update_over_step": self.update_over_step}
 
 
+@dataclass(frozen=True)
+class PassedThrough:
+    """Report row: an untouched tensor written as the quantized base held it (no second rounding)."""
+
+    tensor: str
+
+
 @dataclass
 class RequantReport:
     strategy: str
     rows: list[RequantRow] = field(default_factory=list)
     passed_through: int = 0
     notes: list[str] = field(default_factory=list)
+
+    def add(self, row: RequantRow | PassedThrough) -> None:
+        if isinstance(row, PassedThrough):
+            self.passed_through += 1
+        else:
+            self.rows.append(row)
 
     def totals(self) -> dict[str, Any]:
         rows = self.rows
@@ -175,131 +187,150 @@ def check_float_base(float_base: CheckpointReader, plan: Plan) -> None:
                          f"base has {list(wrong[0].shape)} ({len(wrong)} differ)", where=str(float_base.path), fix=fix)
 
 
-def execute_merge_quantized(merged: MergedReader, plan: Plan, out_dir: Path, *, float_base: CheckpointReader | None,
-                            strategy: str, device: torch.device, shard_bytes: int,
-                            progress: Progress | None = None) -> tuple[QuantizeReport, RequantReport]:
-    """Write the merged model in ``plan``'s quantized layout into ``out_dir`` (weights only)."""
-    if strategy != "auto" and strategy not in STRATEGIES:
-        raise OptionError(f"unknown strategy {strategy!r}", fix=f"Use auto or one of {', '.join(STRATEGIES)}.")
-    method = METHODS[plan.method]
-    config = plan.config
-    offsets = OFFSETS_BY_FORMAT.get(plan.format.name, "none")
+def offsets_of(layout: str, config: Any) -> str:
+    """What the layout stores per group besides the scale: 'float', 'integer' or 'none'."""
+    offsets = OFFSETS_BY_FORMAT.get(layout, "none")
     if offsets == "integer" and getattr(config, "symmetric", False):
         offsets = "none"  # symmetric layouts fix the zero point at 8
-    base = merged.base
-    base_quantized = isinstance(base, DequantizingReader)
-    fmt = plan.format
-    report = QuantizeReport(method=plan.method, parameters=config_to_dict(config), format=fmt.name,
-                            bytes_before=plan.input_bytes, bytes_after=plan.output_bytes)
-    requant = RequantReport(strategy=strategy)
-    candidates = STRATEGIES if strategy == "auto" else (strategy,)
-    if float_base is not None:
-        check_float_base(float_base, plan)  # before anything is read or written
+    return offsets
 
-    def quantize(x: torch.Tensor) -> QuantizedTensor:
-        return method.quantize(x, config)
 
-    writer = ShardedWriter(out_dir, plan.output_specs(), shard_bytes)
-    try:
-        for entry in plan.entries:
-            info = entry.info
-            name = info.name
-            if not entry.quantize:
-                writer.write(name, merged.get(name))
-                report.kept.append(KeptRow(name, info.shape, dtype_name(info.dtype), entry.reason))
-                if progress:
-                    progress(name, info.nbytes)
-                continue
-            base_q = base.quantized(name) if base_quantized and base.is_quantized(name) else None
-            fast = (_fast_fold(merged, name, base_q, config) if strategy in ("auto", "fold") and offsets == "float"
-                    else None)
-            float_W = None
-            if float_base is not None and fast is None:  # an exact fold needs no float weights: don't read them
-                float_W = float_base.get(name).to(device).float()
-            if fast is not None:  # a QA-LoRA update into float offsets, computed per group (no dense pass)
-                qt, metrics, requant_row, merge_row = fast
-                requant.rows.append(requant_row)
-                merged.rows[name] = merge_row
-            elif not merged.is_merged(name):
-                qt = _pass_through(base_q, config, offsets)
-                if qt is not None:
-                    requant.passed_through += 1
-                    reference = base_q.dequantize(torch.float32) if float_W is None else float_W
-                else:
-                    source = float_W if float_W is not None else base.get(name).to(device).float()
-                    qt, reference = quantize(source), source
-                metrics = compare(reference, qt.dequantize(torch.float32))
+@dataclass(frozen=True)
+class MergeQuantizeTensor(Task):
+    """One quantized tensor of ``merge --quantize`` into a folder layout: passed through from a quantized base,
+    quantized from the float or dequantized base, or (when an adapter changes it) merged by the best strategy
+    (see the module docstring). Rows: the quantization row, and for a merged tensor its merge and requant
+    rows; ``float_base``: whether the input "float_base" (--float-base) is there."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    method: str
+    config: Any
+    layout: str
+    outputs: tuple[str, ...]
+    strategy: str
+    float_base: bool
+
+    def run(self, ctx: TaskContext) -> TaskResult:
+        name, config = self.name, self.config
+        merged = ctx.reader("merged")
+        assert isinstance(merged, MergedReader)
+        base = merged.base
+        base_quantized = isinstance(base, DequantizingReader)
+        base_q = base.quantized(name) if base_quantized and base.is_quantized(name) else None  # type: ignore[attr-defined]
+        offsets = offsets_of(self.layout, config)
+        rows: list[Any] = []
+
+        def quantize(x: torch.Tensor) -> QuantizedTensor:
+            return METHODS[self.method].quantize(x, config)
+
+        fast = (_fast_fold(merged, name, base_q, config) if self.strategy in ("auto", "fold") and offsets == "float"
+                else None)
+        float_W = None
+        if self.float_base and fast is None:  # an exact fold needs no float weights: don't read them
+            float_W = ctx.read("float_base", name).to(ctx.device).float()
+        if fast is not None:  # a QA-LoRA update into float offsets, computed per group (no dense pass)
+            qt, metrics, requant_row, merge_row = fast
+            rows += [merge_row, requant_row]
+        elif not merged.is_merged(name):
+            qt = _pass_through(base_q, config, offsets)
+            if qt is not None:
+                rows.append(PassedThrough(name))
+                reference = base_q.dequantize(torch.float32) if float_W is None else float_W  # type: ignore[union-attr]
             else:
-                mt = merged.merge_tensor(name)
-                dW = mt.delta.float()
-                if not base_quantized:
-                    float_W = mt.W
-                usable_q = base_q if (base_q is None or _compatible_int4(base_q, config)
-                                      or isinstance(base_q, NF4Tensor)) else None
-                qalora = (isinstance(config, Int4Config) and is_group_constant(dW, config.group_size)
-                          and (usable_q is None or isinstance(usable_q, Int4Tensor | AffineInt4Tensor)))
-                if qalora and usable_q is None and float_W is not None:
-                    usable_q = quantize(float_W)  # QA-LoRA on a float base: quantize the base, then fold
-                    if isinstance(usable_q, Int4Tensor) and offsets == "integer":
-                        usable_q = Int4Tensor(**{**vars(usable_q), "symmetric": False})
-                if qalora and usable_q is not None:
-                    deq_base = usable_q.dequantize(torch.float32)
-                    ideal, ideal_kind = deq_base + dW, "quantized base + update"
-                elif float_W is not None:
-                    ideal, ideal_kind = float_W + dW, "float base + update"
-                    deq_base = (usable_q.dequantize(torch.float32) if usable_q is not None
-                                else quantize(float_W).dequantize(torch.float32))
-                else:
-                    deq_base = mt.W
-                    ideal, ideal_kind = mt.W + dW, "quantized base + update"
-                fold_base = usable_q if isinstance(usable_q, Int4Tensor | AffineInt4Tensor) else None
-                deq_quantized = mt.W if base_quantized else (deq_base if fold_base is not None else None)
-                outcome = _merge_one(dW, ideal, fold_base, float_W, deq_quantized, quantize, offsets, candidates)
-                if outcome is None:  # only a named strategy can fail to apply: say why, write nothing
-                    group_constant = fold_base is not None and is_group_constant(dW, fold_base.group_size)
-                    why = applicable(strategy, base_q=fold_base, has_float=float_W is not None,
-                                     has_dequantized=deq_quantized is not None, group_constant=group_constant,
-                                     output_offsets=offsets)
-                    raise OptionError(f"--strategy {strategy} cannot merge '{name}': {why}",
-                                      fix="Use --strategy auto (the best applicable strategy per tensor), or see "
-                                          "`compress merge --help` for what each strategy needs.")
-                qt, metrics = outcome.tensor, outcome.metrics
-                realised = qt.dequantize(torch.float32) - deq_base
-                d_norm = frobenius_norm(dW)
-                r_norm = frobenius_norm(realised)
-                lost = frobenius_norm(realised - dW) / d_norm if d_norm > 0 else 0.0
-                inner = (r_norm**2 + d_norm**2 - frobenius_norm(realised - dW) ** 2) / 2
-                cosine = inner / (r_norm * d_norm) if r_norm > 0 and d_norm > 0 else (1.0 if d_norm == 0 else 0.0)
-                step = _mean_step(qt)
-                rms = d_norm / math.sqrt(dW.numel()) if dW.numel() else 0.0
-                ideal_norm = frobenius_norm(ideal)
-                requant.rows.append(RequantRow(
-                    tensor=name, strategy=outcome.strategy, ideal=ideal_kind, rel_error=metrics.rel_fro,
-                    tried=outcome.tried, update_rel=d_norm / ideal_norm if ideal_norm > 0 else 0.0,
-                    realised_cosine=max(-1.0, min(1.0, cosine)), update_lost=lost,
-                    update_over_step=rms / step if step > 0 else math.inf))
-                del mt, dW, ideal, deq_base, realised
-            packed = fmt.pack(name, qt.to("cpu"))
-            for spec in entry.outputs:
-                writer.write(spec.name, packed[spec.name])
-            report.quantized.append(TensorRow(name, info.shape, dtype_name(info.dtype), qt.bits_per_weight, metrics,
-                                              note=requant.rows[-1].strategy if merged.is_merged(name) else ""))
-            del qt, packed
-            if progress:
-                progress(name, info.nbytes)
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
-    if offsets == "integer" and any(r.strategy.startswith(("fold", "refit")) for r in requant.rows):
-        requant.notes.append(f"{fmt.name} stores integer zero points, so folded offsets were rounded to whole "
+                source = float_W if float_W is not None else base.get(name).to(ctx.device).float()
+                qt, reference = quantize(source), source
+            metrics = compare(reference, qt.dequantize(torch.float32))
+        else:
+            qt, metrics, requant_row, merge_row = self._merge(merged, base_q, float_W, quantize, offsets)
+            rows += [merge_row, requant_row]
+        packed = FORMATS[self.layout].pack(name, qt.to("cpu"))  # type: ignore[attr-defined]
+        note = rows[-1].strategy if merged.is_merged(name) else ""
+        rows.append(TensorRow(name, self.shape, dtype_name(self.dtype), qt.bits_per_weight, metrics, note=note))
+        return TaskResult([(n, encode(packed[n])) for n in self.outputs], rows)
+
+    def _merge(self, merged: MergedReader, base_q: QuantizedTensor | None, float_W: torch.Tensor | None,
+               quantize: Callable[[torch.Tensor], QuantizedTensor],
+               offsets: str) -> tuple[QuantizedTensor, Any, RequantRow, Any]:
+        """A tensor an adapter changes: every applicable strategy, the one closest to the ideal kept."""
+        name, config, strategy = self.name, self.config, self.strategy
+        base_quantized = isinstance(merged.base, DequantizingReader)
+        candidates = STRATEGIES if strategy == "auto" else (strategy,)
+        mt = merged.merge_tensor(name)
+        dW = mt.delta.float()
+        if not base_quantized:
+            float_W = mt.W
+        usable_q = base_q if (base_q is None or _compatible_int4(base_q, config)
+                              or isinstance(base_q, NF4Tensor)) else None
+        qalora = (isinstance(config, Int4Config) and is_group_constant(dW, config.group_size)
+                  and (usable_q is None or isinstance(usable_q, Int4Tensor | AffineInt4Tensor)))
+        if qalora and usable_q is None and float_W is not None:
+            usable_q = quantize(float_W)  # QA-LoRA on a float base: quantize the base, then fold
+            if isinstance(usable_q, Int4Tensor) and offsets == "integer":
+                usable_q = Int4Tensor(**{**vars(usable_q), "symmetric": False})
+        if qalora and usable_q is not None:
+            deq_base = usable_q.dequantize(torch.float32)
+            ideal, ideal_kind = deq_base + dW, "quantized base + update"
+        elif float_W is not None:
+            ideal, ideal_kind = float_W + dW, "float base + update"
+            deq_base = (usable_q.dequantize(torch.float32) if usable_q is not None
+                        else quantize(float_W).dequantize(torch.float32))
+        else:
+            deq_base = mt.W
+            ideal, ideal_kind = mt.W + dW, "quantized base + update"
+        fold_base = usable_q if isinstance(usable_q, Int4Tensor | AffineInt4Tensor) else None
+        deq_quantized = mt.W if base_quantized else (deq_base if fold_base is not None else None)
+        outcome = _merge_one(dW, ideal, fold_base, float_W, deq_quantized, quantize, offsets, candidates)
+        if outcome is None:  # only a named strategy can fail to apply: say why, write nothing
+            group_constant = fold_base is not None and is_group_constant(dW, fold_base.group_size)
+            why = applicable(strategy, base_q=fold_base, has_float=float_W is not None,
+                             has_dequantized=deq_quantized is not None, group_constant=group_constant,
+                             output_offsets=offsets)
+            raise OptionError(f"--strategy {strategy} cannot merge '{name}': {why}",
+                              fix="Use --strategy auto (the best applicable strategy per tensor), or see "
+                                  "`compress merge --help` for what each strategy needs.")
+        qt, metrics = outcome.tensor, outcome.metrics
+        realised = qt.dequantize(torch.float32) - deq_base
+        d_norm = frobenius_norm(dW)
+        r_norm = frobenius_norm(realised)
+        lost = frobenius_norm(realised - dW) / d_norm if d_norm > 0 else 0.0
+        inner = (r_norm**2 + d_norm**2 - frobenius_norm(realised - dW) ** 2) / 2
+        cosine = inner / (r_norm * d_norm) if r_norm > 0 and d_norm > 0 else (1.0 if d_norm == 0 else 0.0)
+        step = _mean_step(qt)
+        rms = d_norm / math.sqrt(dW.numel()) if dW.numel() else 0.0
+        ideal_norm = frobenius_norm(ideal)
+        requant_row = RequantRow(
+            tensor=name, strategy=outcome.strategy, ideal=ideal_kind, rel_error=metrics.rel_fro,
+            tried=outcome.tried, update_rel=d_norm / ideal_norm if ideal_norm > 0 else 0.0,
+            realised_cosine=max(-1.0, min(1.0, cosine)), update_lost=lost,
+            update_over_step=rms / step if step > 0 else math.inf)
+        return qt, metrics, requant_row, mt.row
+
+
+def merge_quantize_tasks(plan: Plan, *, strategy: str, float_base: bool) -> list[Task]:
+    """One task per planned tensor; kept tensors are copied from the merged model (with their merge row)."""
+    tasks: list[Task] = []
+    for entry in plan.entries:
+        info = entry.info
+        if not entry.quantize:
+            tasks.append(CopyTensor(info.name, info.nbytes, "merged", info.shape, info.dtype,
+                                    row=KeptRow(info.name, info.shape, dtype_name(info.dtype), entry.reason)))
+            continue
+        tasks.append(MergeQuantizeTensor(info.name, info.nbytes, info.shape, info.dtype, plan.method, plan.config,
+                                         plan.format.name, tuple(s.name for s in entry.outputs), strategy, float_base))
+    return tasks
+
+
+def finish_requant_notes(requant: RequantReport, layout: str, config: Any) -> None:
+    """The notes that follow from all the rows: rounded integer offsets, updates mostly lost."""
+    if offsets_of(layout, config) == "integer" and any(r.strategy.startswith(("fold", "refit")) for r in requant.rows):
+        requant.notes.append(f"{layout} stores integer zero points, so folded offsets were rounded to whole "
                              "steps (see each tensor's error); --format native keeps them exact")
     lost = requant.totals()["tensors_mostly_lost"]
     if lost:
         requant.notes.append(f"{lost} tensors lost most of their update to rounding: the update is small against "
                              "the quantization step. A QA-LoRA adapter (folded exactly), the float base "
                              "(--float-base), a smaller group size or 8 bits would keep it")
-    return report, requant
 
 
 def _merge_one(dW: torch.Tensor, ideal: torch.Tensor, base_q: QuantizedTensor | None, float_W: torch.Tensor | None,
@@ -310,38 +341,6 @@ def _merge_one(dW: torch.Tensor, ideal: torch.Tensor, base_q: QuantizedTensor | 
                           base_dequantized=deq_quantized, strategies=candidates)
     except ValueError:
         return None
-
-
-def q4_1_fold_hook(merged: MergedReader, folded: list[str]) -> Callable[[Any, torch.Tensor], Any]:
-    """export_gguf hook for ``merge --quantize q4_1``: a merged weight whose update is constant inside every
-    32-element block (a QA-LoRA adapter with groups of 32 or multiples) is stored as Q4_1(base) with the
-    update added to each block's minimum -- llama.cpp's offset, a float16 -- instead of re-rounding base +
-    update. The error is measured against Q4_1(base) + update; what remains is the float16 rounding of the
-    minimums. Names of folded tensors are appended to ``folded``."""
-    from compress.formats.gguf_reader import permute_qk
-    from compress.quant.ggml import BLOCK, GGMLConfig, quantize_ggml
-
-    merged.keep_last = True  # the export's get() merged this tensor just before: reuse that merge
-
-    def hook(planned: Any, values: torch.Tensor) -> tuple[Any, torch.Tensor] | None:
-        name = planned.source
-        if planned.qtype != "q4_1" or name is None or not merged.is_merged(name):
-            return None
-        mt = merged.merge_tensor(name)
-        merged.forget()
-        W, dW = mt.W.float(), mt.delta.float()
-        if dW.dim() != 2 or not is_group_constant(dW, BLOCK):
-            return None
-        if planned.permute_heads is not None:
-            W, dW = permute_qk(W, planned.permute_heads), permute_qk(dW, planned.permute_heads)
-        q = quantize_ggml(W, GGMLConfig("q4_1"))
-        ideal = q.dequantize(torch.float32) + dW
-        assert q.m is not None
-        q.m = (q.m.float() + dW.reshape(-1, BLOCK)[:, 0]).to(torch.float16)
-        folded.append(name)
-        return q, ideal
-
-    return hook
 
 
 def _fast_fold(merged: MergedReader, name: str, base_q: QuantizedTensor | None,
@@ -355,7 +354,6 @@ def _fast_fold(merged: MergedReader, name: str, base_q: QuantizedTensor | None,
     offset + update, measured per group. None when the tensor is not such a case.
     """
     from compress.metrics import ErrorMetrics
-    from compress.pipeline.merge import MergeRow
 
     if not merged.is_merged(name) or not _compatible_int4(base_q, config):
         return None

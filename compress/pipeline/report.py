@@ -13,7 +13,7 @@ from typing import Any
 from compress.metrics import ErrorMetrics
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorRow:
     name: str
     shape: tuple[int, ...]
@@ -32,7 +32,7 @@ class TensorRow:
                 **({"note": self.note} if self.note else {})}
 
 
-@dataclass
+@dataclass(frozen=True)
 class KeptRow:
     name: str
     shape: tuple[int, ...]
@@ -53,6 +53,15 @@ class QuantizeReport:
     bytes_before: int = 0
     bytes_after: int = 0
     notes: list[str] = field(default_factory=list)
+
+    def add(self, row: TensorRow | KeptRow) -> None:
+        """Collect one row from the executor (plan order)."""
+        if isinstance(row, TensorRow):
+            self.quantized.append(row)
+        elif isinstance(row, KeptRow):
+            self.kept.append(row)
+        else:
+            raise TypeError(f"not a quantization report row: {row!r}")
 
     # -- totals ---------------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ import torch
 
 from compress.quant.base import QuantizedTensor
 from compress.quant.ggml import GGMLConfig, GGMLTensor, quantize_ggml
+from compress.quant.ggml_types import FILE_TYPES, GGML_METHODS
 from compress.quant.int4 import AffineInt4Tensor, Int4Config, Int4Tensor, quantize_int4
 from compress.quant.nf4 import NF4Config, NF4Tensor, quantize_nf4
 
@@ -56,50 +57,12 @@ METHODS: dict[str, QuantMethod] = {
         default_format="gptq",
         reference="https://arxiv.org/abs/2210.17323",
     ),
-    "q4_0": QuantMethod(
-        name="q4_0",
-        summary="llama.cpp Q4_0: 4-bit, one fp16 scale per 32 weights (4.5 bits/weight), bit-identical to "
-        "llama.cpp's quantizer",
-        config_cls=GGMLConfig,
-        quantize=quantize_ggml,
-        default_format="gguf",
-        reference="https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-quants.c",
-    ),
-    "q4_1": QuantMethod(
-        name="q4_1",
-        summary="llama.cpp Q4_1: 4-bit, fp16 scale and minimum per 32 weights (5 bits/weight)",
-        config_cls=GGMLConfig,
-        quantize=quantize_ggml,
-        default_format="gguf",
-        reference="https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-quants.c",
-    ),
-    "q8_0": QuantMethod(
-        name="q8_0",
-        summary="llama.cpp Q8_0: 8-bit, one fp16 scale per 32 weights (8.5 bits/weight)",
-        config_cls=GGMLConfig,
-        quantize=quantize_ggml,
-        default_format="gguf",
-        reference="https://github.com/ggml-org/llama.cpp/blob/master/ggml/src/ggml-quants.c",
-    ),
 }
-# The rest of llama.cpp's file types; like the three above, each GGUF file follows llama-quantize's per-tensor
-# recipe (output at 6 bits or more, fallbacks for rows that are not whole blocks) and is byte-identical to it.
-_LLAMA_CPP_TYPES = {
-    "q5_0": "llama.cpp Q5_0: 5-bit, one fp16 scale per 32 weights (5.5 bits/weight)",
-    "q5_1": "llama.cpp Q5_1: 5-bit, fp16 scale and minimum per 32 weights (6 bits/weight)",
-    "q4_k_s": "llama.cpp Q4_K_S: Q4_K (super-blocks of 256, 6-bit sub-block scales and minimums; 4.5 bits/weight), "
-              "Q5_K for the first attn_v and ffn_down layers",
-    "q4_k_m": "llama.cpp Q4_K_M: Q4_K, with Q6_K for half of the attn_v and ffn_down layers (llama.cpp's usual "
-              "default)",
-    "q5_k_s": "llama.cpp Q5_K_S: Q5_K (5.5 bits/weight)",
-    "q5_k_m": "llama.cpp Q5_K_M: Q5_K, with Q6_K for half of the attn_v and ffn_down layers",
-    "q6_k": "llama.cpp Q6_K: 6-bit, int8 scales per 16 weights under an fp16 scale per 256 (6.56 bits/weight)",
-}
-for _name, _summary in _LLAMA_CPP_TYPES.items():
-    METHODS[_name] = QuantMethod(name=_name, summary=_summary, config_cls=GGMLConfig, quantize=quantize_ggml,
-                                 default_format="gguf",
-                                 reference="https://github.com/ggml-org/llama.cpp/blob/master/src/llama-quant.cpp")
-GGML_METHODS = ("q4_0", "q4_1", "q8_0", *_LLAMA_CPP_TYPES)
+# llama.cpp's file types, from their table; each GGUF file follows llama-quantize's per-tensor recipe (output at
+# 6 bits or more, fallbacks for rows that are not whole blocks) and is byte-identical to it.
+for _ft in FILE_TYPES.values():
+    METHODS[_ft.name] = QuantMethod(name=_ft.name, summary=_ft.summary, config_cls=GGMLConfig, quantize=quantize_ggml,
+                                    default_format="gguf", reference=_ft.reference)
 
 QuantConfig = NF4Config | Int4Config | GGMLConfig
 

@@ -50,21 +50,21 @@ from dataclasses import dataclass
 import torch
 
 from compress.quant.base import QuantizedTensor, check_float_matrix
-from compress.quant.kquants import K_TYPE_IDS, K_TYPE_SIZES, K_TYPES, QK_K, KQuantTensor, quantize_kquant
+from compress.quant.ggml_types import (
+    BLOCK_TYPES,
+    GGML_TYPE_IDS,
+    GGML_TYPES,
+    K_MIXTURES,
+    K_TYPES,
+    LEGACY_TYPES,
+    TYPE_SIZES,
+    ggml_block_size,
+    ggml_nbytes,
+)
+from compress.quant.kquants import KQuantTensor, quantize_kquant
 
-BLOCK = 32  # QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0
-LEGACY_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
-GGML_TYPES = (*LEGACY_TYPES, *K_TYPES)
-# bytes per block (32 elements; 256 for the K-quants)
-TYPE_SIZES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34, **K_TYPE_SIZES}
-# gguf.GGMLQuantizationType values (ggml.h), so callers need not import gguf
-GGML_TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, **K_TYPE_IDS}
+BLOCK = BLOCK_TYPES["q4_0"].block_size  # QK4_0 = QK4_1 = QK5_0 = QK5_1 = QK8_0 = 32
 CHUNK_BLOCKS = 1 << 15  # 32768 blocks (4 MB of float32) per step: intermediates stay in cache
-
-
-# llama.cpp's K-quant file types (llama-quantize's Q4_K_S ... Q6_K): a mixture of tensor types chosen per tensor
-# (compress.formats.gguf_writer.llama_cpp_type); each names its base type
-K_MIXTURES = {"q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
 
 
 @dataclass(frozen=True)
@@ -276,22 +276,6 @@ def quantize_q4_1(W: torch.Tensor) -> GGMLTensor:
 def quantize_q8_0(W: torch.Tensor) -> GGMLTensor:
     """llama.cpp Q8_0 (8-bit, one fp16 scale per 32 elements; 8.5 bits per weight)."""
     return quantize_ggml(W, GGMLConfig("q8_0"))
-
-
-def ggml_block_size(qtype: str) -> int:
-    """Elements per block of ``qtype``: 256 for the K-quants, 32 for the others."""
-    return QK_K if qtype in K_TYPES else BLOCK
-
-
-def ggml_nbytes(shape: tuple[int, ...], qtype: str) -> int:
-    """Bytes a tensor of ``shape`` takes in ``qtype`` (rows must be whole blocks)."""
-    block = ggml_block_size(qtype)
-    if not shape or shape[-1] % block:
-        raise ValueError(f"{qtype.upper()} needs rows that are a multiple of {block}, got shape {tuple(shape)}")
-    n = 1
-    for s in shape:
-        n *= s
-    return n // block * TYPE_SIZES[qtype]
 
 
 __all__ = [

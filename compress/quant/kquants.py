@@ -38,11 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from compress.quant.base import QuantizedTensor, check_float_matrix
+from compress.quant.ggml_types import GGML_TYPE_IDS, K_TYPES, QK_K, TYPE_SIZES
 
-QK_K = 256
-K_TYPES = ("q4_k", "q5_k", "q6_k")
-K_TYPE_SIZES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
-K_TYPE_IDS = {"q4_k": 12, "q5_k": 13, "q6_k": 14}  # gguf.GGMLQuantizationType
 GROUP_MAX_EPS = 1e-15
 CHUNK_SUPERBLOCKS = 1 << 10  # 1024 super-blocks (1 MiB of float32) per step: measured fastest on one core
 
@@ -60,14 +57,14 @@ class KQuantTensor(QuantizedTensor):
 
     @property
     def ggml_type_id(self) -> int:
-        return K_TYPE_IDS[self.qtype]
+        return GGML_TYPE_IDS[self.qtype]
 
     def storage_bits(self) -> int:
-        return 8 * K_TYPE_SIZES[self.qtype] * self.n_blocks
+        return 8 * TYPE_SIZES[self.qtype] * self.n_blocks
 
     def packed(self) -> torch.Tensor:
         """The GGUF bytes: uint8 ``[*shape[:-1], shape[-1] // 256 * type_size]``."""
-        return self.blocks.reshape(*self.shape[:-1], self.shape[-1] // QK_K * K_TYPE_SIZES[self.qtype])
+        return self.blocks.reshape(*self.shape[:-1], self.shape[-1] // QK_K * TYPE_SIZES[self.qtype])
 
     def to_bytes(self) -> bytes:
         return self.packed().cpu().numpy().tobytes()
@@ -369,7 +366,7 @@ def quantize_kquant(W: torch.Tensor, qtype: str) -> KQuantTensor:
                          f"got shape {tuple(W.shape)}")
     flat = W.reshape(-1, QK_K)
     n = flat.shape[0]
-    blocks = torch.empty((n, K_TYPE_SIZES[qtype]), dtype=torch.uint8, device=W.device)
+    blocks = torch.empty((n, TYPE_SIZES[qtype]), dtype=torch.uint8, device=W.device)
     kernel = _KERNELS[qtype]
     for start in range(0, n, CHUNK_SUPERBLOCKS):
         stop = min(start + CHUNK_SUPERBLOCKS, n)

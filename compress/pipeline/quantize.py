@@ -1,0 +1,193 @@
+"""`compress quantize` into a checkpoint folder layout (bnb, gptq, compressed-tensors, native).
+
+The plan (:func:`~compress.pipeline.plan.make_plan`) decides each tensor's fate; here each becomes a task
+(:class:`QuantizeWeight`, or a copy for kept tensors) and the executor streams them into a
+:class:`~compress.formats.writer.FolderSink`, which also receives config.json (with the layout's
+``quantization_config``), the input's non-weight files, the report and the provenance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import InputError, OptionError
+from compress.formats import FORMATS
+from compress.formats.base import dtype_name
+from compress.formats.checkpoint import CheckpointReader
+from compress.formats.inputs import open_model
+from compress.formats.output import check_output, write_json
+from compress.formats.quantized import DequantizingReader, model_dtype
+from compress.formats.sink import encode
+from compress.formats.writer import FolderSink, write_model_files
+from compress.metrics import compare
+from compress.pipeline.execute import execute
+from compress.pipeline.plan import Plan, TensorPlan, make_plan
+from compress.pipeline.report import KeptRow, QuantizeReport, TensorRow
+from compress.pipeline.run import RunOptions, json_safe, write_provenance
+from compress.pipeline.tasks import CopyTensor, ModelSource, Task, TaskContext, TaskResult
+from compress.quant import METHODS, config_to_dict, describe_config
+from compress.quant.int4 import Int4Config
+from compress.quant.nf4 import NF4Config
+
+
+def check_finite(W: torch.Tensor, name: str, where: str) -> None:
+    """InputError naming the tensor when ``W`` holds NaN or inf."""
+    if not bool(torch.isfinite(W).all()):
+        bad = int((~torch.isfinite(W)).sum())
+        raise InputError(f"tensor '{name}' has {bad} non-finite values (NaN or inf)", where=where,
+                         fix="The checkpoint is damaged; fix it, or --exclude this tensor to keep it as is.")
+
+
+@dataclass(frozen=True)
+class QuantizeWeight(Task):
+    """Quantize one weight with ``method``/``config`` and pack it in ``layout``; row: its error."""
+
+    source: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    where: str
+    method: str
+    config: Any
+    layout: str
+    outputs: tuple[str, ...]
+
+    def run(self, ctx: TaskContext) -> TaskResult:
+        W = ctx.read(self.source, self.name, shape=self.shape, dtype=self.dtype).to(ctx.device)
+        check_finite(W, self.name, self.where)
+        qt = METHODS[self.method].quantize(W, self.config)
+        metrics = compare(W, qt.dequantize(torch.float32))
+        packed = FORMATS[self.layout].pack(self.name, qt.to("cpu"))  # type: ignore[attr-defined]
+        row = TensorRow(self.name, self.shape, dtype_name(self.dtype), qt.bits_per_weight, metrics)
+        return TaskResult([(n, encode(packed[n])) for n in self.outputs], [row])
+
+
+def entry_task(entry: TensorPlan, plan: Plan, source: str = "model") -> Task:
+    """The task for one planned tensor: quantize it, or copy it with the reason it was kept."""
+    info = entry.info
+    if entry.quantize:
+        return QuantizeWeight(info.name, info.nbytes, source, info.shape, info.dtype, str(info.file), plan.method,
+                              plan.config, plan.format.name, tuple(s.name for s in entry.outputs))
+    return CopyTensor(info.name, info.nbytes, source, info.shape, info.dtype,
+                      row=KeptRow(info.name, info.shape, dtype_name(info.dtype), entry.reason))
+
+
+def plan_notes(plan: Plan) -> list[str]:
+    """Facts about the layout a user should know before shipping it."""
+    notes: list[str] = []
+    cfg = plan.config
+    if isinstance(cfg, Int4Config):
+        partial = [e for e in plan.quantized if e.info.shape[1] % cfg.group_size]
+        if partial:
+            ins = sorted({e.info.shape[1] for e in partial})
+            notes.append(
+                f"{len(partial)} layers have an input size ({', '.join(map(str, ins))}) that is not a multiple of "
+                f"the group size {cfg.group_size}: their last group is shorter (n_groups = ceil(in / "
+                f"{cfg.group_size}), expressed through g_idx). Kernels that require in % group_size == 0 "
+                "(exllama, marlin) fall back to slower paths or refuse them; --group-size 32 or 64 avoids it.")
+    if isinstance(cfg, NF4Config):
+        odd = [e for e in plan.quantized if e.info.shape[1] % cfg.block_size]
+        if odd:
+            notes.append(
+                f"{len(odd)} layers have an input size that is not a multiple of the block size {cfg.block_size}, "
+                "so blocks span rows. The layout is valid (bitsandbytes' own quantize_4bit produces it), but "
+                "bitsandbytes 0.50's CPU dequantize kernel reconstructs such layers wrongly; CUDA is unaffected. "
+                "For CPU inference with bitsandbytes pick a block size that divides every input size.")
+    kept_linear = [e for e in plan.kept if e.reason.startswith("kept:")]
+    if kept_linear:
+        notes.append(f"{len(kept_linear)} Linear weights were kept in float because the format cannot hold them "
+                     f"(first: {kept_linear[0].info.name}: {kept_linear[0].reason}).")
+    return notes
+
+
+def requantized_note(reader: CheckpointReader, what: str = "input") -> list[str]:
+    """A note when the input was itself quantized (errors are then against its dequantized weights)."""
+    if not isinstance(reader, DequantizingReader):
+        return []
+    return [f"the {what} was already quantized ({reader.format.name}); it was dequantized and quantized again, so "
+            "errors are measured against the dequantized input"]
+
+
+def quantized_config(reader: CheckpointReader, plan: Plan) -> dict[str, Any] | None:
+    """config.json of the output: the input's, with the layout's ``quantization_config`` (None without one)."""
+    if not reader.config:
+        return None
+    config = dict(reader.config)
+    config.pop("quantization_config", None)
+    fallback = plan.quantized[0].info.dtype if plan.quantized else torch.float32
+    config["quantization_config"] = plan.format.quantization_config(  # type: ignore[attr-defined]
+        plan.config, model_dtype(config, fallback), plan.kept_linear_modules(), [e.info.name for e in plan.quantized])
+    return config
+
+
+def write_quantized_files(folder: Path, plan: Plan, reader: CheckpointReader, report: QuantizeReport) -> None:
+    """config.json with quantization_config, the source's non-weight files (notes into ``report``)."""
+    config = quantized_config(reader, plan)
+    if config is None:
+        report.notes.append("the input has no config.json, so the output has none either: loaders that need "
+                            "one (transformers) cannot open it until you add it")
+    write_model_files(folder, config, reader.extra_files())
+    if not reader.extra_files() and isinstance(reader.config, dict) and reader.path.suffix == ".gguf":
+        report.notes.append("no tokenizer files were written (install transformers to convert the GGUF tokenizer)")
+
+
+def write_report(folder: Path, report: Any) -> None:
+    """report.json and report.md of a folder output."""
+    write_json(folder / "report.json", json_safe(report.as_dict()))
+    (folder / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """`compress quantize` into a folder layout."""
+
+    model: Path
+    out: Path | None
+    method: str
+    config: Any
+    layout: str
+    include: str | None = None
+    exclude: str | None = None
+    shard_bytes: int = 5_000_000_000
+    force: bool = False
+
+
+def plan_quantize(reader: CheckpointReader, request: QuantizeRequest) -> Plan:
+    return make_plan(reader.infos(), request.method, request.config, FORMATS[request.layout],  # type: ignore[arg-type]
+                     include=request.include, exclude=request.exclude)
+
+
+def dry_run_quantize(request: QuantizeRequest) -> Plan:
+    with open_model(request.model) as reader:
+        return plan_quantize(reader, request)
+
+
+def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport:
+    """Quantize ``request.model`` into the folder ``request.out``; returns the report (also written there)."""
+    out = request.out
+    assert out is not None
+    check_output(out, force=request.force, inputs=[request.model])
+    with open_model(request.model) as reader:
+        plan = plan_quantize(reader, request)
+        if not plan.quantized:
+            raise OptionError("no tensor is selected for quantization",
+                              fix="Check --include/--exclude, or run with --dry-run to see why each tensor is kept.")
+        report = QuantizeReport(method=plan.method, parameters=config_to_dict(plan.config), format=plan.format.name,
+                                bytes_before=plan.input_bytes, bytes_after=plan.output_bytes, notes=plan_notes(plan))
+        tasks = [entry_task(e, plan) for e in plan.entries]
+        run.start(f"{plan.method} ({describe_config(plan.config)})", plan.input_bytes, len(tasks))
+        with FolderSink(out, force=request.force, specs=plan.output_specs(), shard_bytes=request.shard_bytes) as sink:
+            execute(tasks, sink, report.add, sources={"model": ModelSource(str(request.model))},
+                    opened={"model": reader}, device=run.device, options=run.executor, progress=run.on_task)
+            report.notes += requantized_note(reader)
+            write_quantized_files(sink.folder, plan, reader, report)
+            write_report(sink.folder, report)
+            write_provenance(sink.folder / "compress_provenance.json", run, "quantize", request.model, out,
+                             {"method": request.method, "parameters": config_to_dict(plan.config),
+                              "format": request.layout, "include": request.include, "exclude": request.exclude,
+                              "shard_size": request.shard_bytes, "executor": run.executor.describe()})
+            sink.commit()
+    return report

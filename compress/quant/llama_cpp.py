@@ -1,0 +1,49 @@
+"""llama-quantize's per-tensor recipe: which block type each tensor of a Llama model gets in each file type.
+
+A port of ``llama_tensor_get_type`` (src/llama-quant.cpp) for the file types we write, for Llama models
+without experts or an importance matrix. Pure policy: names and sizes in, block type out.
+"""
+
+from __future__ import annotations
+
+from compress.quant.ggml_types import K_MIXTURES, ggml_block_size
+
+# llama-quantize's fallback when rows are not whole 256-element super-blocks (tensor_type_fallback)
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers, and every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def llama_cpp_type(method: str, name: str, columns: int, n_layers: int, tied: bool) -> tuple[str, str | None]:
+    """The type ``llama-quantize`` gives the 2-D weight ``name`` (GGUF name, rows of ``columns``) for file type
+    ``method``, in a Llama model of ``n_layers`` without experts or an importance matrix; plus a note when it
+    had to fall back for the row length."""
+    base = K_MIXTURES.get(method, method)
+    qtype = base
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        if columns % ggml_block_size(base):
+            qtype = "q8_0"
+        elif base != "q8_0":
+            qtype = "q6_k"
+    elif name.endswith(".attn_v.weight"):
+        if method in ("q4_k_m", "q5_k_m") and use_more_bits(layer, n_layers):
+            qtype = "q6_k"
+        elif method == "q4_k_s" and layer < 4:
+            qtype = "q5_k"
+    elif name.endswith(".ffn_down.weight"):
+        if method in ("q4_k_m", "q5_k_m") and use_more_bits(layer, n_layers):
+            qtype = "q6_k"
+        elif method == "q4_k_s" and layer < n_layers // 8:
+            qtype = "q5_k"
+    note = None
+    if columns % ggml_block_size(qtype):
+        chosen = K_FALLBACK.get(qtype, qtype)
+        if columns % ggml_block_size(chosen):
+            chosen = "f16"
+        note = f"{name} ({columns} columns): {qtype.upper()} -> {chosen.upper()}"
+        qtype = chosen
+    return qtype, note

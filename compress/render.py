@@ -1,0 +1,252 @@
+"""What the command line shows: rich tables, notes, JSON on stdout, and the progress bar. Display only: every
+function takes what a pipeline function returned and prints it to the console it is given."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from compress.formats import FORMATS
+from compress.formats.base import dtype_name
+from compress.pipeline.report import human_bytes
+from compress.pipeline.run import json_safe
+from compress.quant import METHODS, config_to_dict, describe_config
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def notes(console: Console, items: list[str]) -> None:
+    for note in items:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+class RichProgress:
+    """A progress bar on stderr: bytes done and tasks finished, the current tensor's name."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                            TextColumn("{task.fields[tasks]} tasks"), TimeRemainingColumn(), console=console,
+                            transient=True)
+        self.task: Any = None
+        self.total_tasks = 0
+        self.done_tasks = 0
+
+    def start(self, label: str, total_bytes: int, total_tasks: int) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.total_tasks, self.done_tasks = total_tasks, 0
+        self.task = self.bar.add_task(label, total=total_bytes, tasks=f"0/{total_tasks}")
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.done_tasks += 1
+        self.bar.update(self.task, advance=nbytes, description=name[-50:],
+                        tasks=f"{min(self.done_tasks, self.total_tasks)}/{self.total_tasks}")
+
+
+@contextlib.contextmanager
+def progress(console: Console, enabled: bool) -> Iterator[RichProgress | None]:
+    """A progress bar while the block runs (None when disabled or stderr is not a terminal)."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    bar = RichProgress(console)
+    with bar.bar:
+        yield bar
+
+
+def result(console: Console, out: Path, report: Any, size: int, *, as_json: bool, quiet: bool,
+           report_json: Path | None = None) -> None:
+    """The end of a run: report.json on stdout with --json, else the tables and notes."""
+    report_json = report_json or out / "report.json"
+    if as_json:
+        echo_json(json.loads(report_json.read_text()))
+    elif not quiet:
+        for table in report.rich_tables():
+            console.print(table)
+        notes(console, report.notes)
+        console.print(f"wrote {out} ({human_bytes(size)}); report: {report_json.with_suffix('.md')}")
+
+
+def quantize_plan(console: Console, plan: Any, as_json: bool) -> None:
+    data = {
+        "method": plan.method, "parameters": config_to_dict(plan.config), "format": plan.format.name,
+        "bytes_before": plan.input_bytes, "bytes_after": plan.output_bytes,
+        "tensors": [{"name": e.info.name, "shape": list(e.info.shape), "dtype": dtype_name(e.info.dtype),
+                     "action": "quantize" if e.quantize else "keep", "reason": e.reason,
+                     "bytes_before": e.info.nbytes, "bytes_after": e.output_bytes} for e in plan.entries],
+    }
+    if as_json:
+        echo_json(data)
+        return
+    table = Table(title=f"plan: {describe_config(plan.config)} → {plan.format.name} (dry run, nothing written)")
+    table.add_column("tensor", overflow="fold", min_width=24)
+    for col in ("shape", "dtype", "action", "reason", "bytes → after"):
+        table.add_column(col)
+    for e in plan.entries:
+        table.add_row(e.info.name, "×".join(map(str, e.info.shape)), dtype_name(e.info.dtype),
+                      "quantize" if e.quantize else "keep", e.reason,
+                      f"{human_bytes(e.info.nbytes)} → {human_bytes(e.output_bytes)}")
+    console.print(table)
+    console.print(f"{len(plan.quantized)} tensors to quantize, {len(plan.kept)} kept; projected size "
+                  f"{human_bytes(plan.input_bytes)} → {human_bytes(plan.output_bytes)}")
+
+
+def gguf_plan(console: Console, plan: Any, infos: list[Any], as_json: bool) -> None:
+    by_name = {i.name: i for i in infos}
+    rows = [{"name": t.source, "gguf_name": t.name, "shape": list(t.shape), "type": t.qtype.upper(),
+             "bytes_before": by_name[t.source].nbytes, "bytes_after": t.nbytes} for t in plan.tensors]
+    before, after = sum(r["bytes_before"] for r in rows), sum(r["bytes_after"] for r in rows)
+    if as_json:
+        echo_json({"method": plan.method, "format": "gguf", "bytes_before": before, "bytes_after": after,
+                   "notes": plan.notes, "tensors": rows})
+        return
+    table = Table(title=f"plan: {plan.method} → gguf (dry run, nothing written)")
+    table.add_column("tensor", overflow="fold", min_width=24)
+    for col in ("gguf name", "shape", "type", "bytes → after"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["gguf_name"], "×".join(map(str, r["shape"])), r["type"],
+                      f"{human_bytes(r['bytes_before'])} → {human_bytes(r['bytes_after'])}")
+    console.print(table)
+    notes(console, plan.notes)
+    console.print(f"{len(rows)} tensors; projected size {human_bytes(before)} → {human_bytes(after)} "
+                  "(plus GGUF metadata and the tokenizer)")
+
+
+def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool) -> None:
+    rows = [{"name": e.name, "shape": list(e.shape), "action": e.action, "reason": e.reason} for e in plan.entries]
+    bound = plan.max_adapter_params(rule)
+    if as_json:
+        echo_json({"tensors": rows, "max_adapter_params": bound, "notes": plan.notes,
+                   "only_in_base": plan.only_in_base, "only_in_tuned": plan.only_in_tuned})
+        return
+    table = Table(title="plan (dry run, nothing written)")
+    table.add_column("tensor", overflow="fold", min_width=24)
+    for col in ("shape", "action", "reason"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], "×".join(map(str, r["shape"])), r["action"], r["reason"])
+    console.print(table)
+    console.print(f"at most {bound:,} adapter parameters under {rule}")
+    notes(console, plan.notes)
+
+
+def merge_plan(console: Console, plan: Any, as_json: bool) -> None:
+    data = plan.as_dict()
+    if as_json:
+        echo_json(json_safe(data))
+        return
+    adapters = Table(title=f"merge plan: {plan.options.method.describe()} (dry run, nothing written)")
+    for col in ("adapter", "weight", "modules", "ranks", "features"):
+        adapters.add_column(col)
+    for a in data["adapters"]:
+        adapters.add_row(a["label"], f"{a['weight']:g}", str(a["modules"]), str(a["ranks"]), ", ".join(a["features"]))
+    console.print(adapters)
+    table = Table(title="tensors the adapters change")
+    table.add_column("tensor", overflow="fold", min_width=24)
+    for col in ("shape", "dtype", "adapters", "kinds"):
+        table.add_column(col)
+    for t in data["tensors"]:
+        table.add_row(t["name"], "×".join(map(str, t["shape"])), t["dtype"], ", ".join(t["adapters"]),
+                      ", ".join(t["kinds"]))
+    console.print(table)
+    console.print(f"{len(data['tensors'])} tensors change ({data['params_changed']:,} parameters), "
+                  f"{data['tensors_unchanged']} are copied unchanged")
+    notes(console, data["notes"])
+
+
+def merge_result(console: Console, merged: Any, *, as_json: bool, quiet: bool) -> None:
+    """A merge's end: the float or GGUF report, or the requantization summary of a quantized folder."""
+    if merged.kind != "folder" or as_json:
+        result(console, merged.out, merged.report, merged.size, as_json=as_json, quiet=quiet,
+               report_json=merged.report_json)
+        return
+    if quiet:
+        return
+    t = merged.requant.totals()
+    used = ", ".join(f"{k} {v}" for k, v in t["strategies_used"].items())
+    console.print(f"merged {t['tensors']} tensors ({used}); mean error against the ideal {t['mean_rel_error']:.4g}, "
+                  f"update lost {t['mean_update_lost']:.3f} on average, {t['tensors_mostly_lost']} tensors mostly "
+                  "lost")
+    notes(console, merged.requant.notes)
+    console.print(f"wrote {merged.out} ({human_bytes(merged.size)}); report: {merged.out / 'report.md'}")
+
+
+def dequantized(console: Console, summary: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        echo_json(summary)
+    elif not quiet:
+        console.print(f"wrote {summary['output']}: {summary['dequantized']} weights dequantized, {summary['tensors']} "
+                      f"tensors, {human_bytes(summary['bytes'])}")
+
+
+def inspected(console: Console, data: dict[str, Any], *, as_json: bool, show_tensors: bool) -> None:
+    if as_json:
+        echo_json(data)
+        return
+    summary = Table(title=data["path"], show_header=False)
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    summary.add_row("model type", str(data["model_type"]))
+    summary.add_row("layout", data["format"])
+    summary.add_row("tensors / parameters", f"{data['tensors']} / {data['parameters']:,}")
+    summary.add_row("size", f"{human_bytes(data['bytes'])} ({data['bits_per_parameter']:.2f} bits per parameter)")
+    summary.add_row("quantized tensors / parameters", f"{data['quantized_tensors']} / {data['quantized_parameters']:,}")
+    for kind, g in data["by_quantization"].items():
+        summary.add_row(f"  {kind}", f"{g['tensors']} tensors, {human_bytes(g['bytes'])}")
+    for kind, g in data["by_dtype"].items():
+        summary.add_row(f"dtype {kind}", f"{g['tensors']} tensors, {human_bytes(g['bytes'])}")
+    console.print(summary)
+    if show_tensors:
+        table = Table()
+        table.add_column("tensor", overflow="fold", min_width=24)
+        for col in ("shape", "dtype", "quantization", "bytes"):
+            table.add_column(col, no_wrap=True)
+        for r in data["tensor_list"]:
+            table.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"], r["quantization"] or "-",
+                          human_bytes(r["bytes"]))
+        console.print(table)
+
+
+def evaluated(console: Console, data: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        echo_json(json_safe(data))
+        return
+    if quiet:
+        return
+    metric = data["metric"]
+    table = Table(title=f"{metric} ({'sentence embeddings' if metric == 'mean_cosine' else data['text']})")
+    table.add_column("model", overflow="fold", min_width=24)
+    for col in ("loader", "size", metric.replace("_", " "), "Δ vs first"):
+        table.add_column(col, justify="right" if col != "loader" else "left")
+    for row in data["models"]:
+        table.add_row(row["model"], row["loader"], human_bytes(row["size_bytes"]), f"{row[metric]:.4f}",
+                      f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%)")
+    console.print(table)
+
+
+def methods(console: Console) -> None:
+    table = Table(title="methods")
+    for col in ("method", "what", "formats", "reference"):
+        table.add_column(col)
+    for m in METHODS.values():
+        formats = ", ".join(f.name for f in FORMATS.values() if m.name in f.methods)
+        table.add_row(m.name, m.summary, formats, m.reference)
+    console.print(table)
+    formats_table = Table(title="formats")
+    for col in ("format", "methods", "what"):
+        formats_table.add_column(col)
+    for f in FORMATS.values():
+        formats_table.add_row(f.name, ", ".join(f.methods), f.summary)
+    console.print(formats_table)
