@@ -91,12 +91,40 @@ def read_proc_status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children of all its threads, recursively), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of a process (shared pages divided among their users), 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_measured(cmd: list[str], *, log_dir: Path, tag: str, env: dict[str, str] | None = None,
-                 cwd: Path | str = REPO, interval: float = 0.05) -> dict[str, Any]:
+                 cwd: Path | str = REPO, interval: float = 0.05, tree: bool = False) -> dict[str, Any]:
     """Run ``cmd`` under the launcher; its stdout/stderr go to ``log_dir/TAG.out`` and ``TAG.err``.
 
     Returns wall and CPU seconds, the command's own peak RSS (``max_rss_bytes``, from wait4), the sampled
     peaks of each /proc status field (``sampled_peak_bytes``) and the status at the highest sampled RSS.
+    With ``tree``, also the peak of the summed PSS of the command and all its descendants (worker processes,
+    a local Ray), ``tree_peak_pss_bytes``, and the most processes seen at once (``tree_max_processes``).
     Raises RuntimeError with the end of stderr when the command fails.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -107,10 +135,11 @@ def run_measured(cmd: list[str], *, log_dir: Path, tag: str, env: dict[str, str]
     peaks = dict.fromkeys(STATUS_KEYS, 0)
     at_peak: dict[str, int] = {}
     samples = 0
+    tree_peak, tree_processes = 0, 0
     done = threading.Event()
 
     def sampler() -> None:
-        nonlocal samples, at_peak
+        nonlocal samples, at_peak, tree_peak, tree_processes
         child = None
         while not done.is_set():
             if child is None:
@@ -124,6 +153,10 @@ def run_measured(cmd: list[str], *, log_dir: Path, tag: str, env: dict[str, str]
                         peaks[key] = max(peaks[key], status.get(key, 0))
                     if status.get("VmRSS", 0) >= at_peak.get("VmRSS", 0):
                         at_peak = status
+                if tree:
+                    members = [child, *descendants(child)]
+                    tree_peak = max(tree_peak, sum(pss_bytes(p) for p in members))
+                    tree_processes = max(tree_processes, len(members))
             done.wait(interval)
 
     with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
@@ -146,6 +179,7 @@ def run_measured(cmd: list[str], *, log_dir: Path, tag: str, env: dict[str, str]
         "max_rss_bytes": ru["max_rss_kib"] * 1024,  # Linux reports kilobytes
         "sampled_peak_bytes": peaks, "sampled_at_peak_rss": at_peak, "samples": samples,
         "major_faults": ru["major_faults"], "minor_faults": ru["minor_faults"], "loadavg_after": loadavg(),
+        **({"tree_peak_pss_bytes": tree_peak, "tree_max_processes": tree_processes} if tree else {}),
     }
 
 
