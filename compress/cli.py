@@ -22,7 +22,7 @@ from compress.formats import FORMATS
 from compress.merge.combine import COMBINE_METHODS
 from compress.merge.lora import QALORA_POOLING
 from compress.merge.requant import STRATEGIES
-from compress.pipeline.execute import EXECUTORS, ExecutorOptions, parse_workers, resolve_device
+from compress.pipeline.execute import EXECUTORS, ExecutorOptions, parse_threads, parse_workers, resolve_device
 from compress.pipeline.report import parse_size
 from compress.pipeline.run import RunOptions
 from compress.quant import METHODS, make_config
@@ -60,6 +60,10 @@ def run_options(f: Any) -> Any:
                      help="With --executor ray: a running cluster's head (host:port); default: a local Ray.")(f)
     f = click.option("--executor", type=click.Choice(list(EXECUTORS)), default="local", show_default=True,
                      help="local: this machine (--workers processes); ray: Ray tasks, locally or on a cluster.")(f)
+    f = click.option("--threads", default="1", show_default=True,
+                     help="Torch threads per task, in every executor; 'auto': the cores divided among the workers. "
+                          "Quantized weights never depend on it; SVD-based factors and float64 error sums can "
+                          "differ in the last bits between thread counts.")(f)
     f = click.option("--workers", default="1", show_default=True,
                      help="Tasks run at once: N worker processes (or Ray tasks), or 'auto' for every available core. "
                           "Outputs are byte-identical for any value.")(f)
@@ -68,9 +72,11 @@ def run_options(f: Any) -> Any:
 
 
 @contextlib.contextmanager
-def running(device: str, workers: str, executor: str, ray_address: str | None, show: bool) -> Iterator[RunOptions]:
+def running(device: str, workers: str, executor: str, ray_address: str | None, show: bool,
+            threads: str = "1") -> Iterator[RunOptions]:
     """The RunOptions of a command, with a progress bar while it runs when ``show``."""
-    options = ExecutorOptions(kind=executor, workers=parse_workers(workers), ray_address=ray_address)
+    options = ExecutorOptions(kind=executor, workers=parse_workers(workers), ray_address=ray_address,
+                              threads=parse_threads(threads))
     torch_device = resolve_device(device)
     with render.progress(err_console, show) as bar:
         yield RunOptions(device=torch_device, executor=options, progress=bar, argv=tuple(_invocation))

@@ -4,6 +4,7 @@ accumulation, on whatever device the tensors are on)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,6 +42,60 @@ def frobenius_norm(M: torch.Tensor) -> float:
     return math.sqrt(total)
 
 
+class _Sums:
+    """The float64 sums of :func:`compare`, one slice of CHUNK_ELEMENTS at a time."""
+
+    def __init__(self) -> None:
+        self.a = self.b = self.d = 0.0
+        self.maxima: list[float] = []
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.float(), b.float()
+        diff = a - b
+        self.a += float(torch.sum(a.double() ** 2))
+        self.b += float(torch.sum(b.double() ** 2))
+        self.d += float(torch.sum(diff.double() ** 2))
+        self.maxima.append(float(diff.abs().max()))
+
+    def metrics(self) -> ErrorMetrics:
+        max_abs = math.nan if any(math.isnan(m) for m in self.maxima) else max(self.maxima, default=0.0)
+        norm_a, norm_b, norm_d = math.sqrt(self.a), math.sqrt(self.b), math.sqrt(self.d)
+        rel = norm_d / norm_a if norm_a > 0 else (0.0 if norm_d == 0 else math.inf)
+        sqnr = math.inf if norm_d == 0 else (20 * math.log10(norm_a / norm_d) if norm_a > 0 else -math.inf)
+        if norm_a > 0 and norm_b > 0:
+            cosine = (norm_a**2 + norm_b**2 - norm_d**2) / (2 * norm_a * norm_b)
+            cosine = max(-1.0, min(1.0, cosine))
+        else:
+            cosine = 1.0 if norm_a == norm_b else 0.0
+        return ErrorMetrics(rel_fro=rel, sqnr_db=sqnr, max_abs=max_abs, cosine=cosine)
+
+
+def compare_stream(W: torch.Tensor, pieces: Iterable[torch.Tensor]) -> ErrorMetrics:
+    """:func:`compare` of ``W`` against a W' given as consecutive flat pieces (any lengths, summing to
+    ``W.numel()``): the same slices, the same sums, the same figures, without W' ever whole in memory."""
+    a_all = W.detach().reshape(-1)
+    sums = _Sums()
+    held: list[torch.Tensor] = []  # the pieces of the current slice
+    held_n = start = 0
+    for piece in pieces:
+        piece = piece.detach().reshape(-1)
+        while piece.numel():
+            take = min(CHUNK_ELEMENTS - held_n, piece.numel())
+            held.append(piece[:take])
+            held_n += take
+            piece = piece[take:]
+            if held_n == CHUNK_ELEMENTS:
+                sums.add(a_all[start:start + held_n], held[0] if len(held) == 1 else torch.cat(held))
+                start += held_n
+                held, held_n = [], 0
+    if held_n:
+        sums.add(a_all[start:start + held_n], held[0] if len(held) == 1 else torch.cat(held))
+        start += held_n
+    if start != a_all.numel():
+        raise ValueError(f"compare: {start} values given for a tensor of {a_all.numel()}")
+    return sums.metrics()
+
+
 def compare(W: torch.Tensor, W_hat: torch.Tensor) -> ErrorMetrics:
     """Metrics of W_hat against W (same shape). Exact zeros give rel_fro 0, SQNR inf, cosine 1.
 
@@ -54,26 +109,10 @@ def compare(W: torch.Tensor, W_hat: torch.Tensor) -> ErrorMetrics:
         raise ValueError(f"compare: shapes differ, {tuple(W.shape)} vs {tuple(W_hat.shape)}")
     a_all = W.detach().reshape(-1)
     b_all = W_hat.detach().reshape(-1)
-    sum_a = sum_b = sum_d = 0.0
-    chunk_max: list[float] = []
+    sums = _Sums()
     for i in _slices(a_all.numel()):
-        a = a_all[i:i + CHUNK_ELEMENTS].float()
-        b = b_all[i:i + CHUNK_ELEMENTS].float()
-        diff = a - b
-        sum_a += float(torch.sum(a.double() ** 2))
-        sum_b += float(torch.sum(b.double() ** 2))
-        sum_d += float(torch.sum(diff.double() ** 2))
-        chunk_max.append(float(diff.abs().max()))
-    max_abs = math.nan if any(math.isnan(m) for m in chunk_max) else max(chunk_max, default=0.0)
-    norm_a, norm_b, norm_d = math.sqrt(sum_a), math.sqrt(sum_b), math.sqrt(sum_d)
-    rel = norm_d / norm_a if norm_a > 0 else (0.0 if norm_d == 0 else math.inf)
-    sqnr = math.inf if norm_d == 0 else (20 * math.log10(norm_a / norm_d) if norm_a > 0 else -math.inf)
-    if norm_a > 0 and norm_b > 0:
-        cosine = (norm_a**2 + norm_b**2 - norm_d**2) / (2 * norm_a * norm_b)
-        cosine = max(-1.0, min(1.0, cosine))
-    else:
-        cosine = 1.0 if norm_a == norm_b else 0.0
-    return ErrorMetrics(rel_fro=rel, sqnr_db=sqnr, max_abs=max_abs, cosine=cosine)
+        sums.add(a_all[i:i + CHUNK_ELEMENTS], b_all[i:i + CHUNK_ELEMENTS])
+    return sums.metrics()
 
 
 def logit_agreement(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float]:

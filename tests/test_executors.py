@@ -216,18 +216,21 @@ class ThreadCount(Task):
         return TaskResult([], [(self.name, torch.get_num_threads(), os.getpid())])
 
 
-def test_workers_divide_the_cores_between_them() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_task_runs_with_the_threads_asked_for(workers: int) -> None:
     rows: list[Any] = []
-    options = ExecutorOptions(workers=2)
+    saved = torch.get_num_threads()
     execute([ThreadCount(f"t{i}", 1) for i in range(6)], None, rows.append, sources={},
-            device=torch.device("cpu"), options=options)
+            device=torch.device("cpu"), options=ExecutorOptions(workers=workers))
     assert [r[0] for r in rows] == [f"t{i}" for i in range(6)]  # results in plan order
-    assert {r[1] for r in rows} == {max(1, available_cores() // 2)}
-    assert os.getpid() not in {r[2] for r in rows}
-    rows.clear()
-    execute([ThreadCount("t", 1)], None, rows.append, sources={}, device=torch.device("cpu"),
-            options=ExecutorOptions(workers=2, threads=3))
-    assert rows[0][1] == 3
+    assert {r[1] for r in rows} == {1}  # one thread per task by default, serial or not
+    assert (os.getpid() in {r[2] for r in rows}) == (workers == 1)
+    assert torch.get_num_threads() == saved  # the serial executor restores the caller's threads
+    for threads, expected in ((3, 3), (0, max(1, available_cores() // workers))):  # 0: --threads auto
+        rows.clear()
+        execute([ThreadCount("t", 1)], None, rows.append, sources={}, device=torch.device("cpu"),
+                options=ExecutorOptions(workers=workers, threads=threads))
+        assert rows[0][1] == expected
 
 
 @pytest.mark.parametrize("value,problem", [("0", "not a positive number"), ("two", "not a positive number")])

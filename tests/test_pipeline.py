@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from compress.cli import main
-from compress.formats.checkpoint import open_checkpoint
-from compress.formats.quantized import DequantizingReader, open_model
+from compress.formats.inputs import open_checkpoint, open_model
+from compress.formats.quantized import DequantizingReader
 from compress.quant import make_config
 from compress.quant.int4 import quantize_int4
 from compress.quant.nf4 import quantize_nf4

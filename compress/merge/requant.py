@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.metrics import ErrorMetrics, compare
+from compress.metrics import ErrorMetrics
 from compress.quant.base import QuantizedTensor
 from compress.quant.int4 import AffineInt4Tensor, Int4Config, Int4Tensor
 
@@ -256,7 +256,7 @@ def best_merge(dW: torch.Tensor, ideal: torch.Tensor, *, base_q: QuantizedTensor
         results[name] = qt
     if not results:
         raise ValueError("no merge strategy applies to this weight")
-    errors = {name: compare(ideal, qt.dequantize(torch.float32)) for name, qt in results.items()}
+    errors = {name: qt.error_against(ideal) for name, qt in results.items()}
     best = choose(errors, strategies, exact_fold=group_constant and output_offsets == "float")
     return MergeOutcome(tensor=results[best], strategy=best, metrics=errors[best],
                         tried={k: v.rel_fro for k, v in errors.items()})

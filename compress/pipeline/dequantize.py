@@ -53,7 +53,7 @@ def dequantize(request: DequantizeRequest, run: RunOptions) -> dict[str, Any]:
                  for i, s in zip(infos, specs, strict=True)]
         run.start("dequantize", sum(i.nbytes for i in infos), len(tasks))
         with FolderSink(request.out, force=request.force, specs=specs, shard_bytes=request.shard_bytes) as sink:
-            execute(tasks, sink, lambda row: None, sources={"model": ModelSource(str(request.model))},
+            stats = execute(tasks, sink, lambda row: None, sources={"model": ModelSource(str(request.model))},
                     opened={"model": reader}, device=run.device, options=run.executor, progress=run.on_task)
             config = dict(reader.config or {})
             if config and dtype is not None:
@@ -61,7 +61,7 @@ def dequantize(request: DequantizeRequest, run: RunOptions) -> dict[str, Any]:
             write_model_files(sink.folder, config or None, reader.extra_files())
             write_provenance(sink.folder / "compress_provenance.json", run, "dequantize", request.model, request.out,
                              {"format": "gguf" if is_gguf else reader.format.name,  # type: ignore[attr-defined]
-                              "dtype": request.dtype, "executor": run.executor.describe()})
+                              "dtype": request.dtype, "execution": stats.as_dict()})
             sink.commit()
     return {"output": str(request.out), "tensors": len(specs), "dequantized": sum(is_quantized(i.name) for i in infos),
             "bytes": sum(s.nbytes for s in specs)}

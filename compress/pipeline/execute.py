@@ -9,12 +9,17 @@ and not yet written), so at most that many tasks' tensors are alive at once, wha
 - **serial** (``--workers 1``): in this process, with the inputs the command already opened.
 - **process pool** (``--workers N``): N worker processes (started by a fork server, so that CUDA and
   torch's thread pools are never inherited half-initialised), each opening the inputs by path once and
-  reading its own tensors by positioned reads; each worker gets ``threads`` torch threads (default: the
-  cores divided among the workers, at least one), since on a busy machine intra-op threads mostly wait for
-  each other. Ctrl-C stops the workers; a worker that dies ends the run with one line.
+  reading its own tensors by positioned reads. Ctrl-C stops the workers; a worker that dies ends the run
+  with one line.
 - **Ray** (``--executor ray``): the same tasks as Ray tasks, on a local Ray (``num_cpus`` from ``--workers``)
   or a cluster (``--ray-address``); a task whose worker dies, or that hits an I/O error, is retried
   (``RAY_RETRIES`` times); one that keeps failing ends the run with one line.
+
+Threads: every task runs with the same number of torch threads, ``--threads`` (default 1), whichever executor
+runs it: parallelism comes from the workers, and the few results that depend on how a reduction is split
+between threads (float64 error sums in the reports, the SVDs of extract-lora) come out the same bit for bit.
+On a shared machine intra-op threads mostly wait for each other anyway. ``--threads auto`` divides the cores
+among the workers.
 
 Device placement (``--device``) is decided here: tasks receive it in their context and move their inputs
 to it; results leave the device once, encoded.
@@ -27,6 +32,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,12 +61,13 @@ def available_cores() -> int:
 @dataclass(frozen=True)
 class ExecutorOptions:
     """How tasks run: ``kind`` local or ray; ``workers`` processes (local) or tasks in flight (ray; 0 = the
-    cluster's CPUs); ``threads`` torch threads per worker (None: cores / workers, at least 1)."""
+    cluster's CPUs); ``threads`` torch threads per task, in every executor (0: the cores divided among the
+    workers, at least 1)."""
 
     kind: str = "local"
     workers: int = 1
     ray_address: str | None = None
-    threads: int | None = None
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in EXECUTORS:
@@ -69,23 +76,41 @@ class ExecutorOptions:
             raise OptionError(f"--workers {self.workers} must be at least 1", fix="Pass --workers N or auto.")
         if self.ray_address is not None and self.kind != "ray":
             raise OptionError("--ray-address applies only with --executor ray", fix="Add --executor ray.")
-        if self.threads is not None and self.threads < 1:
-            raise OptionError(f"--threads {self.threads} must be at least 1", fix="Pass a positive number.")
+        if self.threads < 0:
+            raise OptionError(f"--threads {self.threads} must be at least 1", fix="Pass a positive number or auto.")
 
     @property
     def serial(self) -> bool:
         return self.kind == "local" and self.workers == 1
 
-    def worker_threads(self, workers: int) -> int:
-        return self.threads or max(1, available_cores() // max(workers, 1))
+    @property
+    def task_threads(self) -> int:
+        """Torch threads each task runs with."""
+        return self.threads or max(1, available_cores() // max(self.workers, 1))
 
     def describe(self) -> str:
+        threads = f"{self.task_threads} torch thread{'s' if self.task_threads > 1 else ''} per task"
         if self.serial:
-            return "serial"
+            return f"serial, {threads}"
         if self.kind == "local":
-            return f"{self.workers} worker processes"
+            return f"{self.workers} worker processes, {threads}"
         where = self.ray_address or "local Ray"
-        return f"Ray ({where}, {self.workers or 'all'} {'task' if self.workers == 1 else 'tasks'} in flight)"
+        return f"Ray ({where}), {self.workers or 'all'} {'task' if self.workers == 1 else 'tasks'} in flight, {threads}"
+
+
+def parse_threads(text: str) -> int:
+    """``--threads``: a positive number, or ``auto`` (0: the cores divided among the workers)."""
+    if text == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise OptionError(f"--threads {text!r} is not a positive number or 'auto'",
+                          fix="Pass e.g. --threads 1 (the default), or --threads auto to divide the cores among "
+                              "the workers.")
+    return value
 
 
 def parse_workers(text: str) -> int:
@@ -120,15 +145,45 @@ class TensorWriter(Protocol):
     def write(self, name: str, tensor: Encoded) -> None: ...
 
 
+@dataclass
+class ExecutionStats:
+    """How a run's tasks went (for the provenance file and the benchmarks): the wall time of the whole task
+    phase (start-up included), the time to the first result, and the steady throughput after it (input
+    bytes of the later tasks per second: what more workers or machines multiply)."""
+
+    executor: str
+    tasks: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    first_result_seconds: float | None = None
+    first_task_bytes: int = 0
+
+    @property
+    def steady_bytes_per_second(self) -> float | None:
+        if self.first_result_seconds is None or self.tasks < 2 or self.seconds <= self.first_result_seconds:
+            return None
+        return (self.input_bytes - self.first_task_bytes) / (self.seconds - self.first_result_seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        steady = self.steady_bytes_per_second
+        return {"executor": self.executor, "tasks": self.tasks, "input_bytes": self.input_bytes,
+                "seconds": round(self.seconds, 3),
+                "first_result_seconds": None if self.first_result_seconds is None else round(self.first_result_seconds,
+                                                                                             3),
+                "steady_bytes_per_second": None if steady is None else round(steady)}
+
+
 def execute(tasks: Sequence[Task], sink: TensorWriter | None, collect: Callable[[Any], None], *,
             sources: Mapping[str, Source], opened: Mapping[str, CheckpointReader] | None = None,
             device: torch.device, options: ExecutorOptions = ExecutorOptions(),
-            progress: Progress | None = None) -> None:
+            progress: Progress | None = None) -> ExecutionStats:
     """Run ``tasks``; write each result's tensors to ``sink`` and pass its rows to ``collect``, in plan order.
 
     ``sources``: how workers open the inputs; ``opened``: the same inputs already open in this process
     (used by the serial executor). Errors propagate; the caller's sink context then aborts the output.
     """
+    stats = ExecutionStats(options.describe())
+    started = time.perf_counter()
     with _runner(options, sources, opened, device) as run:
         for task, result in zip(tasks, run(tasks), strict=True):
             if sink is not None:
@@ -136,8 +191,14 @@ def execute(tasks: Sequence[Task], sink: TensorWriter | None, collect: Callable[
                     sink.write(name, tensor)
             for row in result.rows:
                 collect(row)
+            if stats.first_result_seconds is None:
+                stats.first_result_seconds, stats.first_task_bytes = time.perf_counter() - started, task.nbytes
+            stats.tasks += 1
+            stats.input_bytes += task.nbytes
             if progress is not None:
                 progress(task.name, task.nbytes)
+    stats.seconds = time.perf_counter() - started
+    return stats
 
 
 @contextlib.contextmanager
@@ -145,12 +206,15 @@ def _runner(options: ExecutorOptions, sources: Mapping[str, Source], opened: Map
             device: torch.device) -> Iterator[Callable[[Sequence[Task]], Iterator[TaskResult]]]:
     if options.serial:
         ctx = TaskContext(sources, device, opened)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(options.task_threads)
         try:
             yield lambda tasks: (run_task(task, ctx) for task in tasks)
         finally:
+            torch.set_num_threads(threads)
             ctx.close()
     elif options.kind == "local":
-        with _ProcessPool(sources, device, options.workers, options.worker_threads(options.workers)) as pool:
+        with _ProcessPool(sources, device, options.workers, options.task_threads) as pool:
             yield pool.results
     else:
         with _RayRunner(sources, device, options) as ray_runner:
@@ -323,7 +387,7 @@ class _RayRunner:
             self.started_here = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.window = (options.workers or cpus) + 1
-        threads = options.threads or 1
+        threads = options.task_threads
         self.remote = ray.remote(_run_ray_task).options(num_cpus=1, max_retries=RAY_RETRIES,
                                                         retry_exceptions=[OSError])
         self.args = (os.urandom(8).hex(), ray.put(dict(sources)), str(device), threads, os.environ.get(FAULT_ENV))

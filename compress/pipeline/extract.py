@@ -294,7 +294,7 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
         factors = FactorCollector()
         run.start("extract-lora", sum(t.nbytes for t in tasks), len(tasks))
         with AdapterSink(out, force=request.force) as sink:
-            execute(tasks, factors, report.add, sources={"base": ModelSource(str(request.base)),
+            stats = execute(tasks, factors, report.add, sources={"base": ModelSource(str(request.base)),
                                                          "tuned": ModelSource(str(request.tuned))},
                     opened={"base": base, "tuned": tuned}, device=run.device, options=run.executor,
                     progress=run.on_task)
@@ -308,6 +308,6 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
             write_provenance(sink.folder / "compress_provenance.json", run, "extract-lora", request.tuned, out,
                              {"base": str(request.base.resolve()), "rule": report.rule, "targets": options.targets,
                               "embeddings": options.embeddings, "dtype": str(options.dtype).removeprefix("torch."),
-                              "seed": options.seed, "executor": run.executor.describe()})
+                              "seed": options.seed, "execution": stats.as_dict()})
             sink.commit()
     return report

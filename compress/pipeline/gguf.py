@@ -161,8 +161,7 @@ def tensor_bytes(t: torch.Tensor, qtype: str, measure: bool) -> tuple[Encoded | 
         q = quantize_ggml(t, GGMLConfig(qtype))
         if not q.scales_finite():  # NaN/inf reach the block scales
             return None, None
-        return encode_packed(q.packed(), qtype, tuple(t.shape)), (compare(t, q.dequantize(torch.float32))
-                                                                    if measure else None)
+        return encode_packed(q.packed(), qtype, tuple(t.shape)), (q.error_against(t) if measure else None)
     out = t.float()  # bf16/f16 -> f32 exactly; f16 output rounds from f32, as llama.cpp's converter does
     if qtype == "f16":
         out = out.half()
@@ -346,13 +345,13 @@ def quantize_gguf(request: GGUFRequest, run: RunOptions) -> QuantizeReport:
         with GGUFSink(request.out, force=request.force, reader=reader, params=plan.params, file_type=plan.method,
                       tensors=plan.tensors) as sink:
             run.start(f"{request.method} (gguf)", sum(t.nbytes for t in tasks), len(tasks))
-            execute(tasks, sink, rows.add, sources={"model": ModelSource(str(request.model))},
+            stats = execute(tasks, sink, rows.add, sources={"model": ModelSource(str(request.model))},
                     opened={"model": reader}, device=run.device, options=run.executor, progress=run.on_task)
             sink.finish()
             report = gguf_report(plan, reader, rows, sink)
             report.notes += requantized_note(reader)
             write_gguf_sidecars(sink.staging, report.as_dict(), report.to_markdown(), run, "quantize", request.model,
                                 {"method": request.method, "parameters": report.parameters, "format": "gguf",
-                                 "executor": run.executor.describe()})
+                                 "execution": stats.as_dict()})
             sink.commit()
     return report

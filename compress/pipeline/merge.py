@@ -33,7 +33,6 @@ from compress.formats.sink import encode_packed
 from compress.formats.writer import FolderSink, TensorSpec, write_model_files
 from compress.merge.combine import make_combine, method_options
 from compress.merge.requant import STRATEGIES, is_group_constant
-from compress.metrics import compare
 from compress.pipeline.execute import execute
 from compress.pipeline.gguf import (
     GGUFRows,
@@ -202,14 +201,14 @@ def _merge_float(request: MergeRequest, merged: MergedReader, source: Source, ru
     report = MergeReport.start(merged.plan)
     run.start("merge", sum(i.nbytes for i in infos), len(tasks))
     with FolderSink(out, force=request.force, specs=specs, shard_bytes=request.shard_bytes) as sink:
-        execute(tasks, sink, report.add, sources={"merged": source}, opened={"merged": merged}, device=run.device,
-                options=run.executor, progress=run.on_task)
+        stats = execute(tasks, sink, report.add, sources={"merged": source}, opened={"merged": merged},
+                        device=run.device, options=run.executor, progress=run.on_task)
         write_model_files(sink.folder, dict(merged.config) if merged.config else None, merged.extra_files())
         report.bytes_written = sink.bytes
         _write_reports(sink.folder, report.as_dict(), report.to_markdown())
         write_provenance(sink.folder / "compress_provenance.json", run, "merge", request.base, out,
                          {**request.provenance(merged.plan), "shard_size": request.shard_bytes,
-                          "executor": run.executor.describe()})
+                          "execution": stats.as_dict()})
         sink.commit()
     return MergeResult(out, "float", report, report.bytes_written, out / "report.json", report)
 
@@ -282,8 +281,8 @@ def _merge_folder(request: MergeRequest, fmt: ExportFormat, merged: MergedReader
         tasks = merge_quantize_tasks(plan, strategy=request.strategy, float_base="float_base" in opened)
         run.start(f"merge + {describe_config(plan.config)} ({fmt.name})", plan.input_bytes, len(tasks))
         with FolderSink(out, force=request.force, specs=plan.output_specs(), shard_bytes=request.shard_bytes) as sink:
-            execute(tasks, sink, rows.add, sources=sources, opened=opened, device=run.device, options=run.executor,
-                    progress=run.on_task)
+            stats = execute(tasks, sink, rows.add, sources=sources, opened=opened, device=run.device,
+                            options=run.executor, progress=run.on_task)
             finish_requant_notes(requant, fmt.name, config)
             write_quantized_files(sink.folder, plan, merged, report)
             merge_report.notes += requant.notes
@@ -294,7 +293,7 @@ def _merge_folder(request: MergeRequest, fmt: ExportFormat, merged: MergedReader
                              {**request.provenance(merged.plan), "format": fmt.name,
                               "parameters": config_to_dict(plan.config), "strategy": request.strategy,
                               "float_base": str(request.float_base.resolve()) if request.float_base else None,
-                              "shard_size": request.shard_bytes, "executor": run.executor.describe()})
+                              "shard_size": request.shard_bytes, "execution": stats.as_dict()})
             sink.commit()
     finally:
         if "float_base" in opened:
@@ -343,7 +342,7 @@ class FoldQ4_1(Task):
             q.m = (q.m.float() + dW.reshape(-1, BLOCK)[:, 0]).to(torch.float16)
             rows.append(Folded(self.name))
             data = encode_packed(q.packed(), "q4_1", planned.shape) if q.scales_finite() else None
-            metrics = compare(ideal, q.dequantize(torch.float32)) if data is not None else None
+            metrics = q.error_against(ideal) if data is not None else None
         if data is None:
             raise not_finite(self.name, planned.qtype, self.where)
         rows.append(gguf_row(planned, planned.shape, self.dtype, metrics))
@@ -381,8 +380,8 @@ def _merge_gguf(request: MergeRequest, merged: MergedReader, source: Source, run
     with GGUFSink(out, force=request.force, reader=merged, params=plan.params, file_type=plan.method,
                   tensors=plan.tensors) as sink:
         run.start(f"merge + {request.quantize} (gguf)", sum(i.nbytes for i in infos.values()), len(tasks))
-        execute(tasks, sink, collect, sources={"merged": source}, opened={"merged": merged}, device=run.device,
-                options=run.executor, progress=run.on_task)
+        stats = execute(tasks, sink, collect, sources={"merged": source}, opened={"merged": merged},
+                        device=run.device, options=run.executor, progress=run.on_task)
         sink.finish()
         report = gguf_report(plan, merged, rows, sink)
         if folded:
@@ -392,7 +391,7 @@ def _merge_gguf(request: MergeRequest, merged: MergedReader, source: Source, run
         write_gguf_sidecars(sink.staging, {"merge": merge_report.as_dict(), "quantization": report.as_dict()},
                             merge_report.to_markdown() + "\n" + report.to_markdown(), run, "merge", request.base,
                             {**request.provenance(merged.plan), "format": "gguf", "parameters": report.parameters,
-                             "executor": run.executor.describe()})
+                             "execution": stats.as_dict()})
         sink.commit()
     side = out.with_name(out.name.removesuffix(".gguf") + ".report.json")
     return MergeResult(out, "gguf", report, report.bytes_after, side, merge_report)

@@ -44,7 +44,7 @@ from compress.merge.requant import (
     is_group_constant,
     to_integer_zeros,
 )
-from compress.metrics import compare, frobenius_norm
+from compress.metrics import frobenius_norm
 from compress.pipeline.merged import MergedReader, MergeRow
 from compress.pipeline.plan import Plan
 from compress.pipeline.report import KeptRow, TensorRow
@@ -240,7 +240,7 @@ class MergeQuantizeTensor(Task):
             else:
                 source = float_W if float_W is not None else base.get(name).to(ctx.device).float()
                 qt, reference = quantize(source), source
-            metrics = compare(reference, qt.dequantize(torch.float32))
+            metrics = qt.error_against(reference)
         else:
             qt, metrics, requant_row, merge_row = self._merge(merged, base_q, float_W, quantize, offsets)
             rows += [merge_row, requant_row]

@@ -23,7 +23,6 @@ from compress.formats.output import check_output, write_json
 from compress.formats.quantized import DequantizingReader, model_dtype
 from compress.formats.sink import encode
 from compress.formats.writer import FolderSink, write_model_files
-from compress.metrics import compare
 from compress.pipeline.execute import execute
 from compress.pipeline.plan import Plan, TensorPlan, make_plan
 from compress.pipeline.report import KeptRow, QuantizeReport, TensorRow
@@ -59,7 +58,7 @@ class QuantizeWeight(Task):
         W = ctx.read(self.source, self.name, shape=self.shape, dtype=self.dtype).to(ctx.device)
         check_finite(W, self.name, self.where)
         qt = METHODS[self.method].quantize(W, self.config)
-        metrics = compare(W, qt.dequantize(torch.float32))
+        metrics = qt.error_against(W)
         packed = FORMATS[self.layout].pack(self.name, qt.to("cpu"))  # type: ignore[attr-defined]
         row = TensorRow(self.name, self.shape, dtype_name(self.dtype), qt.bits_per_weight, metrics)
         return TaskResult([(n, encode(packed[n])) for n in self.outputs], [row])
@@ -180,7 +179,7 @@ def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport
         tasks = [entry_task(e, plan) for e in plan.entries]
         run.start(f"{plan.method} ({describe_config(plan.config)})", plan.input_bytes, len(tasks))
         with FolderSink(out, force=request.force, specs=plan.output_specs(), shard_bytes=request.shard_bytes) as sink:
-            execute(tasks, sink, report.add, sources={"model": ModelSource(str(request.model))},
+            stats = execute(tasks, sink, report.add, sources={"model": ModelSource(str(request.model))},
                     opened={"model": reader}, device=run.device, options=run.executor, progress=run.on_task)
             report.notes += requantized_note(reader)
             write_quantized_files(sink.folder, plan, reader, report)
@@ -188,6 +187,6 @@ def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport
             write_provenance(sink.folder / "compress_provenance.json", run, "quantize", request.model, out,
                              {"method": request.method, "parameters": config_to_dict(plan.config),
                               "format": request.layout, "include": request.include, "exclude": request.exclude,
-                              "shard_size": request.shard_bytes, "executor": run.executor.describe()})
+                              "shard_size": request.shard_bytes, "execution": stats.as_dict()})
             sink.commit()
     return report

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from compress.metrics import CHUNK_ELEMENTS, ErrorMetrics, compare_stream
 
 
 @dataclass
@@ -26,9 +29,43 @@ class QuantizedTensor(ABC):
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    # Elements a dequantized piece must start and end on (a block, a row); see dequantize_range.
+    @property
+    def chunk_unit(self) -> int:
+        return self.numel
+
     @abstractmethod
+    def dequantize_range(self, start: int, stop: int) -> torch.Tensor:
+        """float32 [stop - start]: elements ``start:stop`` of the flattened W', both multiples of
+        :attr:`chunk_unit` (``stop`` may also be ``numel``)."""
+
+    def dequantize_chunks(self, max_elements: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
+        """W' flattened, in float32 pieces of about ``max_elements`` (whole units), in order: what a
+        reconstruction costs in memory is one piece, not a float32 copy of the tensor."""
+        unit = max(self.chunk_unit, 1)
+        step = max(max_elements // unit, 1) * unit
+        for start in range(0, self.numel, step):
+            yield self.dequantize_range(start, min(start + step, self.numel))
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Reconstruct W' with the original shape, in ``dtype`` (default: the original dtype)."""
+        """Reconstruct W' with the original shape, in ``dtype`` (default: the original dtype): computed in
+        float32 piece by piece, each element rounded once to ``dtype``."""
+        device = self.device
+        out = torch.empty(self.numel, dtype=dtype or self.dtype, device=device)
+        start = 0
+        for piece in self.dequantize_chunks():
+            out[start:start + piece.numel()] = piece
+            start += piece.numel()
+        return out.reshape(self.shape)
+
+    def error_against(self, W: torch.Tensor) -> ErrorMetrics:
+        """:func:`~compress.metrics.compare` of W' against ``W``, without a full float32 copy of W'."""
+        return compare_stream(W, self.dequantize_chunks())
+
+    @property
+    def device(self) -> torch.device:
+        tensors = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        return tensors[0].device if tensors else torch.device("cpu")
 
     @abstractmethod
     def storage_bits(self) -> int:

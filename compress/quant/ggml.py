@@ -110,18 +110,23 @@ class GGMLTensor(QuantizedTensor):
     def ggml_type_id(self) -> int:
         return GGML_TYPE_IDS[self.qtype]
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x' in float32 exactly as ``gguf.quants.dequantize`` computes it, then cast to ``dtype``."""
-        d = self.d.float().unsqueeze(1)
-        q = self.codes.reshape(-1, BLOCK)
+    @property
+    def chunk_unit(self) -> int:
+        return BLOCK
+
+    def dequantize_range(self, start: int, stop: int) -> torch.Tensor:
+        """x' in float32 exactly as ``gguf.quants.dequantize`` computes it."""
+        b0, b1 = start // BLOCK, stop // BLOCK
+        d = self.d[b0:b1].float().unsqueeze(1)
+        q = self.codes.reshape(-1, BLOCK)[b0:b1]
         if self.qtype in ("q4_0", "q5_0"):
             out = d * (q.to(torch.int16) - (8 if self.qtype == "q4_0" else 16)).float()
         elif self.qtype in ("q4_1", "q5_1"):
             assert self.m is not None
-            out = d * q.float() + self.m.float().unsqueeze(1)
+            out = d * q.float() + self.m[b0:b1].float().unsqueeze(1)
         else:
             out = q.float() * d
-        return out.reshape(self.shape).to(dtype or self.dtype)
+        return out.reshape(-1)
 
     def storage_bits(self) -> int:
         return 8 * TYPE_SIZES[self.qtype] * self.n_blocks

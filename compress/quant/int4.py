@@ -72,10 +72,15 @@ class Int4Tensor(QuantizedTensor):
         """int64 [in]: the group of each input channel (GPTQ's g_idx without act-order)."""
         return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    @property
+    def chunk_unit(self) -> int:
+        return self.shape[1]
+
+    def dequantize_range(self, start: int, stop: int) -> torch.Tensor:
+        r0, r1 = start // self.shape[1], -(-stop // self.shape[1])
         g = self.group_index()
-        q = self.codes.float() - self.zeros.float()[:, g]
-        return (q * self.scales[:, g]).to(dtype or self.dtype)
+        q = self.codes[r0:r1].float() - self.zeros[r0:r1].float()[:, g]
+        return (q * self.scales[r0:r1][:, g]).reshape(-1)
 
     def storage_bits(self) -> int:
         scale_bits = 8 * self.scale_dtype.itemsize
@@ -122,9 +127,14 @@ class AffineInt4Tensor(QuantizedTensor):
         """int64 [in]: the group of each input channel."""
         return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    @property
+    def chunk_unit(self) -> int:
+        return self.shape[1]
+
+    def dequantize_range(self, start: int, stop: int) -> torch.Tensor:
+        r0, r1 = start // self.shape[1], -(-stop // self.shape[1])
         g = self.group_index()
-        return torch.addcmul(self.offsets[:, g], self.codes.float(), self.scales[:, g]).to(dtype or self.dtype)
+        return torch.addcmul(self.offsets[r0:r1][:, g], self.codes[r0:r1].float(), self.scales[r0:r1][:, g]).reshape(-1)
 
     def storage_bits(self) -> int:
         return 4 * self.numel + (8 * self.scale_dtype.itemsize + 32) * self.scales.numel()

@@ -69,8 +69,9 @@ class KQuantTensor(QuantizedTensor):
     def to_bytes(self) -> bytes:
         return self.packed().cpu().numpy().tobytes()
 
-    def _fp16(self, start: int) -> torch.Tensor:
-        return self.blocks[:, start:start + 2].contiguous().view(torch.float16).squeeze(1)
+    def _fp16(self, start: int, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        b = self.blocks if blocks is None else blocks
+        return b[:, start:start + 2].contiguous().view(torch.float16).squeeze(1)
 
     def scales_finite(self) -> bool:
         """Whether the fp16 super-block scales are finite (false for NaN/inf weights or overflow)."""
@@ -78,16 +79,20 @@ class KQuantTensor(QuantizedTensor):
             return bool(torch.isfinite(self._fp16(208)).all())
         return bool(torch.isfinite(self._fp16(0)).all() and torch.isfinite(self._fp16(2)).all())
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x' in float32 as llama.cpp's ``dequantize_row_*`` computes it, then cast to ``dtype``."""
-        b = self.blocks
+    @property
+    def chunk_unit(self) -> int:
+        return QK_K
+
+    def dequantize_range(self, start: int, stop: int) -> torch.Tensor:
+        """x' in float32 as llama.cpp's ``dequantize_row_*`` computes it."""
+        b = self.blocks[start // QK_K: stop // QK_K]
         if self.qtype == "q6_k":
-            d = self._fp16(208).float()
+            d = self._fp16(208, b).float()
             scales = b[:, 192:208].view(torch.int8).float()  # [n, 16]
             q = _unpack_q6(b[:, :128], b[:, 128:192]).to(torch.int16) - 32  # [n, 256]
             out = (d.unsqueeze(1) * scales).repeat_interleave(16, dim=1) * q.float()
         else:
-            d, dmin = self._fp16(0).float(), self._fp16(2).float()
+            d, dmin = self._fp16(0, b).float(), self._fp16(2, b).float()
             sc, m = _unpack_scale_min(b[:, 4:16])  # [n, 8] each
             if self.qtype == "q4_k":
                 q = _unpack_nibbles(b[:, 16:144])
@@ -96,7 +101,7 @@ class KQuantTensor(QuantizedTensor):
             scale = (d.unsqueeze(1) * sc.float()).repeat_interleave(32, dim=1)
             offset = (dmin.unsqueeze(1) * m.float()).repeat_interleave(32, dim=1)
             out = scale * q.float() - offset
-        return out.reshape(self.shape).to(dtype or self.dtype)
+        return out.reshape(-1)
 
 
 # --- the reference's arithmetic ------------------------------------------------------------------------

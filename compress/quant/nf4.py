@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -92,18 +93,29 @@ class NF4Tensor(QuantizedTensor):
         return dequantize_blockwise_8bit(self.absmax, self.nested_absmax, self.nested_code,
                                          NESTED_BLOCK_SIZE) + self.offset
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """out[j] = table[code_j] * absmax[j // block_size] in float32, then cast (as bitsandbytes)."""
+    @property
+    def chunk_unit(self) -> int:
+        return self.block_size
+
+    def dequantize_range(self, start: int, stop: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """out[j] = table[code_j] * absmax[j // block_size] in float32, as bitsandbytes computes it."""
         table = torch.tensor(TABLES[self.quant_type], dtype=torch.float32, device=self.codes.device)
-        values = table[self.codes.long()]
-        scale = self.absmax_float()
-        n, bs = values.numel(), self.block_size
-        full = n - n % bs
+        scale = self.absmax_float() if scale is None else scale
+        values = table[self.codes[start:stop].long()]
+        bs = self.block_size
+        full = min(stop, self.numel - self.numel % bs) - start  # whole blocks in this range
         out = torch.empty_like(values)
-        out[:full] = (values[:full].view(-1, bs) * scale[: full // bs].unsqueeze(1)).view(-1)
-        if full < n:
-            out[full:] = values[full:] * scale[-1]
-        return out.reshape(self.shape).to(dtype or self.dtype)
+        if full > 0:
+            out[:full] = (values[:full].view(-1, bs) * scale[start // bs: (start + full) // bs].unsqueeze(1)).view(-1)
+        if full < values.numel():  # the partial last block
+            out[max(full, 0):] = values[max(full, 0):] * scale[-1]
+        return out
+
+    def dequantize_chunks(self, max_elements: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
+        scale = self.absmax_float()  # decoded once (double quantization)
+        step = max(max_elements // self.block_size, 1) * self.block_size
+        for start in range(0, self.numel, step):
+            yield self.dequantize_range(start, min(start + step, self.numel), scale)
 
     def storage_bits(self) -> int:
         n_blocks = self.absmax.numel()
