@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -13,15 +13,18 @@ import torch
 @dataclass(frozen=True)
 class ErrorMetrics:
     """rel_fro = ||W - W'||_F / ||W||_F; sqnr_db = 20 log10(||W|| / ||W - W'||);
-    max_abs = max |W - W'|; cosine = <W, W'> / (||W|| ||W'||)."""
+    max_abs = max |W - W'|; cosine = <W, W'> / (||W|| ||W'||). ``reference_finite``: whether W held only
+    finite values (its float64 sum of squares is finite exactly then: finite float32 squares cannot overflow
+    it), which lets a caller check its input without another pass over it."""
 
     rel_fro: float
     sqnr_db: float
     max_abs: float
     cosine: float
+    reference_finite: bool = field(default=True, compare=False, repr=False)
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "reference_finite"}
 
 
 # Elements per slice: float64 sums run on slices of this size, so the metrics never hold more than a
@@ -42,6 +45,12 @@ def frobenius_norm(M: torch.Tensor) -> float:
     return math.sqrt(total)
 
 
+def _sum_squares(x: torch.Tensor) -> float:
+    """sum(x^2) in float64 (x * x is exactly what x ** 2 computes, squared in place)."""
+    x64 = x.double()
+    return float(torch.sum(x64.mul_(x64)))
+
+
 class _Sums:
     """The float64 sums of :func:`compare`, one slice of CHUNK_ELEMENTS at a time."""
 
@@ -52,10 +61,11 @@ class _Sums:
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.float(), b.float()
         diff = a - b
-        self.a += float(torch.sum(a.double() ** 2))
-        self.b += float(torch.sum(b.double() ** 2))
-        self.d += float(torch.sum(diff.double() ** 2))
-        self.maxima.append(float(diff.abs().max()))
+        self.a += _sum_squares(a)
+        self.b += _sum_squares(b)
+        self.d += _sum_squares(diff)
+        low, high = torch.aminmax(diff)  # max |d| in one pass; NaN propagates
+        self.maxima.append(float(torch.maximum(-low, high)))
 
     def metrics(self) -> ErrorMetrics:
         max_abs = math.nan if any(math.isnan(m) for m in self.maxima) else max(self.maxima, default=0.0)
@@ -67,7 +77,8 @@ class _Sums:
             cosine = max(-1.0, min(1.0, cosine))
         else:
             cosine = 1.0 if norm_a == norm_b else 0.0
-        return ErrorMetrics(rel_fro=rel, sqnr_db=sqnr, max_abs=max_abs, cosine=cosine)
+        return ErrorMetrics(rel_fro=rel, sqnr_db=sqnr, max_abs=max_abs, cosine=cosine,
+                            reference_finite=math.isfinite(self.a))
 
 
 def compare_stream(W: torch.Tensor, pieces: Iterable[torch.Tensor]) -> ErrorMetrics:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from compress.formats.base import WeightFormat, module_name
-from compress.formats.gptq import pack_int4_rows, unpack_int4_rows
+from compress.formats.gptq import pack_int4_cols, pack_int4_rows, unpack_int4_rows
 from compress.formats.writer import TensorSpec
 from compress.quant.base import QuantizedTensor
 from compress.quant.int4 import SCALE_DTYPES, Int4Config, Int4Tensor
@@ -54,11 +54,6 @@ LAYOUT = "pack-quantized"
 # "version" entry that its ModelCompressor.update_config writes into quantization_config).
 CHECKED_VERSION = "0.20.1"
 PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-
-
-def pack_int4_cols(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [m, 8k] in 0..15 -> int32 [m, k]: column 8r + j goes to bits 4j..4j+3 of column r."""
-    return pack_int4_rows(q.t()).t().contiguous()
 
 
 def unpack_int4_cols(words: torch.Tensor, cols: int) -> torch.Tensor:
