@@ -318,7 +318,7 @@ class GGUFSink(Sink):
         declared = self.tensors[self._next]
         if declared.name != name or declared.nbytes != tensor.nbytes:
             raise RuntimeError(f"declared {declared}, got {name} ({tensor.nbytes} bytes)")
-        self.writer.write_tensor_data(tensor.data)
+        self.writer.write_tensor_data(tensor.array())
         self._next += 1
 
     def finish(self) -> None:

@@ -22,16 +22,27 @@ import torch
 
 @dataclass(frozen=True)
 class Encoded:
-    """One stored tensor as bytes: ``data`` uint8 [nbytes]; ``dtype`` a torch dtype name ('bfloat16') or
-    a GGML type name ('q4_k'); ``shape`` the logical shape (torch order)."""
+    """One stored tensor as bytes: ``data`` uint8 [nbytes], a numpy array, or a CPU torch tensor (how a local
+    worker process hands bytes over: through shared memory, not through a pipe); ``dtype`` a torch dtype name
+    ('bfloat16') or a GGML type name ('q4_k'); ``shape`` the logical shape (torch order)."""
 
     dtype: str
     shape: tuple[int, ...]
-    data: np.ndarray
+    data: np.ndarray | torch.Tensor
 
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+    def array(self) -> np.ndarray:
+        """The bytes as a numpy array (no copy)."""
+        return self.data.numpy() if isinstance(self.data, torch.Tensor) else self.data
+
+    def shared(self) -> Encoded:
+        """The same bytes in a torch tensor, which multiprocessing sends between local processes through shared
+        memory (one copy) instead of pickling it through a pipe."""
+        return self if isinstance(self.data, torch.Tensor) else Encoded(self.dtype, self.shape,
+                                                                          torch.from_numpy(self.data))
 
 
 def encode(tensor: torch.Tensor) -> Encoded:
@@ -49,9 +60,10 @@ def encode_packed(packed: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> E
 def decode(encoded: Encoded) -> torch.Tensor:
     """The torch tensor behind ``encoded`` (torch dtypes only)."""
     dtype = getattr(torch, encoded.dtype)
-    if encoded.data.size == 0:
+    data = encoded.array()
+    if data.size == 0:
         return torch.empty(encoded.shape, dtype=dtype)
-    return torch.from_numpy(encoded.data.copy()).view(dtype).reshape(encoded.shape)
+    return torch.from_numpy(data.copy()).view(dtype).reshape(encoded.shape)
 
 
 class Sink(ABC):

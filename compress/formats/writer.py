@@ -110,7 +110,7 @@ class ShardedWriter:
                 or spec.shape != encoded.shape or encoded.nbytes != spec.nbytes):
             raise RuntimeError(f"planned {spec}, got {name} {encoded.dtype} {encoded.shape} ({encoded.nbytes} bytes)")
         f = self._file if index == self._file_index and self._file is not None else self._open(index)
-        f.write(memoryview(encoded.data))
+        f.write(memoryview(encoded.array()))
         self._pos += 1
 
     def abort(self) -> None:

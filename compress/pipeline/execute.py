@@ -267,7 +267,9 @@ def _init_pool_worker(sources: Mapping[str, Source], device: str, threads: int, 
 def _run_pool_task(task: Task) -> TaskResult:
     assert _WORKER_CONTEXT is not None
     fault_hook(task, _WORKER_FAULT)
-    return run_task(task, _WORKER_CONTEXT)
+    result = run_task(task, _WORKER_CONTEXT)
+    result.tensors = [(name, tensor.shared()) for name, tensor in result.tensors]  # to the parent via shared memory
+    return result
 
 
 @contextlib.contextmanager
