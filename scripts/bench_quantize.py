@@ -244,7 +244,7 @@ STAGE_LABELS = {
     "cli": "`compress quantize` itself (in-process)",
     "open_model": "  open the checkpoint (open_model)",
     "scan_gguf": "    GGUF: our header scan (scan_gguf)",
-    "gguf_package": "    GGUF: gguf.GGUFReader parse (_open_gguf_package)",
+    "gguf_package": "    GGUF: gguf.GGUFReader parse (open_gguf_package)",
     "plan": "  plan (make_plan)",
     "execute": "  per-tensor loop (execute)",
     "read": "    read a tensor (reader.get)",
@@ -313,7 +313,7 @@ def instrumented_main(json_out: Path, cli_args: list[str], mmap_reader: bool) ->
 
     wrap(run, "open_model", "open_model")
     wrap(gr, "scan_gguf", "scan_gguf")
-    wrap(gr, "_open_gguf_package", "gguf_package")
+    wrap(gr, "open_gguf_package", "gguf_package")
     wrap(run, "make_plan", "plan")
     wrap(run, "execute", "execute")
     wrap(gr.GGUFReader, "get", "read")
