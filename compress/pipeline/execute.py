@@ -3,8 +3,8 @@ results to the sink in plan order.
 
 Every writing command goes through :func:`execute`. Whatever runs the tasks, the sink receives the same
 tensors in the same order, so the output is byte-identical across ``--workers 1``, ``--workers N`` and
-``--executor ray``. Memory stays bounded: at most a window of ``workers + 1`` tasks is in flight (submitted
-and not yet written), so at most that many tasks' tensors are alive at once, whatever the model size.
+``--executor ray``. Memory stays bounded: the tasks handed out and not yet written hold at most the input bytes of
+``workers + 1`` of the largest task (:class:`Window`), whatever the model size.
 
 - **serial** (``--workers 1``): in this process, with the inputs the command already opened.
 - **process pool** (``--workers N``): N worker processes (started by a fork server, so that CUDA and
@@ -272,6 +272,33 @@ def _run_pool_task(task: Task) -> TaskResult:
     return result
 
 
+class Window:
+    """Which tasks may be handed out: in plan order, while the tasks handed out and not yet written hold no
+    more input bytes than ``workers + 1`` of the largest task. Results must be written in plan order, so a
+    worker that finishes early takes the next task while an earlier, larger one still runs; the byte budget
+    (rather than a count of tasks) lets many small tasks flow past one large one, while the memory held by
+    unwritten results stays that of ``workers + 1`` large tasks, whatever the model's size."""
+
+    def __init__(self, tasks: Sequence[Task], workers: int) -> None:
+        self.queue = deque(tasks)
+        self.budget = (workers + 1) * max((t.nbytes for t in tasks), default=1)
+        self.held = 0
+        self.count = 0
+
+    def next(self) -> Task | None:
+        """The next task to hand out, or None while the budget is spent (or none is left)."""
+        if not self.queue or (self.count and self.held + self.queue[0].nbytes > self.budget):
+            return None
+        task = self.queue.popleft()
+        self.held += task.nbytes
+        self.count += 1
+        return task
+
+    def done(self, task: Task) -> None:
+        self.held -= task.nbytes
+        self.count -= 1
+
+
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Ctrl-C that arrives inside the block takes effect (KeyboardInterrupt) when it ends. Only the main thread
@@ -300,7 +327,7 @@ def _sigint_blocked() -> Iterator[None]:
 
 
 class _ProcessPool:
-    """N worker processes; results in plan order through a window of ``workers + 1`` tasks."""
+    """N worker processes; results in plan order, tasks handed out through a :class:`Window`."""
 
     def __init__(self, sources: Mapping[str, Source], device: torch.device, workers: int, threads: int) -> None:
         import multiprocessing
@@ -327,17 +354,14 @@ class _ProcessPool:
         from concurrent.futures.process import BrokenProcessPool
 
         pending: deque[tuple[Task, Any]] = deque()
-        queue = iter(tasks)
-        window = self.workers + 1
+        window = Window(tasks, self.workers)
 
         def submit() -> None:
-            task = next(queue, None)
-            if task is not None:
+            while (task := window.next()) is not None:
                 with _sigint_deferred():  # a submit may start a worker: never leave one half-started
                     pending.append((task, self.pool.submit(_run_pool_task, task)))
 
-        for _ in range(window):
-            submit()
+        submit()
         while pending:
             task, future = pending.popleft()
             try:
@@ -346,6 +370,7 @@ class _ProcessPool:
                 raise WorkerError(f"a worker process died while running '{task.name}' (or a task beside it); "
                                   "nothing was written",
                                   fix="It may have run out of memory: run again with fewer --workers.") from e
+            window.done(task)
             submit()
             yield result
 
@@ -393,7 +418,7 @@ def _run_ray_task(run_id: str, sources: Mapping[str, Source], device: str, threa
 
 
 class _RayRunner:
-    """The tasks as Ray tasks, results fetched in plan order through a window of in-flight tasks."""
+    """The tasks as Ray tasks, results fetched in plan order, tasks handed out through a :class:`Window`."""
 
     def __init__(self, sources: Mapping[str, Source], device: torch.device, options: ExecutorOptions) -> None:
         try:
@@ -418,7 +443,7 @@ class _RayRunner:
                     from e
             self.started_here = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.window = (options.workers or cpus) + 1
+        self.in_flight = options.workers or cpus
         threads = options.task_threads
         self.remote = ray.remote(_run_ray_task).options(num_cpus=1, max_retries=RAY_RETRIES,
                                                         retry_exceptions=[OSError])
@@ -427,15 +452,13 @@ class _RayRunner:
     def results(self, tasks: Sequence[Task]) -> Iterator[TaskResult]:
         ray = self.ray
         pending: deque[tuple[Task, Any]] = deque()
-        queue = iter(tasks)
+        window = Window(tasks, self.in_flight)
 
         def submit() -> None:
-            task = next(queue, None)
-            if task is not None:
+            while (task := window.next()) is not None:
                 pending.append((task, self.remote.remote(*self.args, task)))
 
-        for _ in range(self.window):
-            submit()
+        submit()
         while pending:
             task, ref = pending.popleft()
             try:
@@ -453,6 +476,7 @@ class _RayRunner:
                 raise WorkerError(f"the Ray worker running '{task.name}' died {RAY_RETRIES + 1} times; nothing "
                                   "was written", fix="It may have run out of memory: check the nodes, or run "
                                   "with fewer tasks in flight (--workers).") from e
+            window.done(task)
             submit()
             yield result
 
