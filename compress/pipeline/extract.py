@@ -164,14 +164,17 @@ class ExtractDelta(Task):
         entry, options, rule = self.entry, self.options, self.options.rule
         W_base = ctx.read("base", entry.name).to(ctx.device)
         W_tuned = ctx.read("tuned", entry.name).to(ctx.device)
-        dW = W_tuned.float() - W_base.float()
+        base_norm = frobenius_norm(W_base)
+        dW = W_tuned.to(torch.float32, copy=True).sub_(W_base)  # the values of W_tuned.float() - W_base.float()
+        del W_base
+        if entry.action != "full":
+            del W_tuned  # only a full copy needs it; the SVD's memory is the delta's
         # A NaN or inf anywhere makes the float64 sum of squares non-finite (finite float32 squares cannot
         # overflow it), so the norm doubles as the finiteness check without another pass.
         delta_norm = frobenius_norm(dW)
         if not math.isfinite(delta_norm):
             raise InputError(f"the delta of '{entry.name}' has non-finite values (NaN or inf)",
                              fix="One of the checkpoints is damaged; check both with `compress inspect`.")
-        base_norm = frobenius_norm(W_base)
         delta_rel = delta_norm / base_norm if base_norm > 0 else (0.0 if delta_norm == 0 else math.inf)
         module = entry.name.rsplit(".", 1)[0]
         if delta_norm == 0:
