@@ -64,8 +64,8 @@ class _Sums:
         self.a += _sum_squares(a)
         self.b += _sum_squares(b)
         self.d += _sum_squares(diff)
-        low, high = torch.aminmax(diff)  # max |d| in one pass; NaN propagates
-        self.maxima.append(float(torch.maximum(-low, high)))
+        low, high = torch.aminmax(diff)  # max |d| = max(-min d, max d) in one pass; NaN propagates
+        self.maxima.append(float(torch.maximum(-low, high).abs()))  # abs: +0.0, not -0.0, when d is all zero
 
     def metrics(self) -> ErrorMetrics:
         max_abs = math.nan if any(math.isnan(m) for m in self.maxima) else max(self.maxima, default=0.0)

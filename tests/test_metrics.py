@@ -61,3 +61,22 @@ def test_logit_agreement() -> None:
     assert shifted["argmax"] == 1 and abs(shifted["corr_min"] - 1) < 1e-12
     flipped = logit_agreement(a, -a)
     assert flipped["corr_mean"] < -0.99 and flipped["argmax"] < 0.2 and flipped["kl_mean"] > 0
+
+
+@pytest.mark.parametrize("size", [7, 3_000_001])  # one slice, and several with a shorter last one
+def test_streamed_comparison_equals_compare(size: int) -> None:
+    """compare_stream (W' in pieces of any length) gives compare's figures bit for bit, and an exact
+    reconstruction gives max_abs +0.0 (reports print it; -0.0 would read '-0')."""
+    from compress.metrics import compare_stream
+
+    gen = torch.Generator().manual_seed(size)
+    W = torch.randn(size, generator=gen)
+    W_hat = W + 0.01 * torch.randn(size, generator=gen)
+    pieces = [W_hat[i:i + 999_983] for i in range(0, size, 999_983)]  # boundaries that are not the slices'
+    assert compare_stream(W, pieces) == compare(W, W_hat)
+    assert compare_stream(W, pieces).max_abs == float((W - W_hat).abs().max())
+    exact = compare(W, W.clone())
+    assert exact.max_abs == 0.0 and math.copysign(1.0, exact.max_abs) == 1.0 and exact.rel_fro == 0.0
+    assert compare(W, W.clone()).reference_finite and not compare(W.fill_(math.inf), W_hat).reference_finite
+    with pytest.raises(ValueError, match="values given"):
+        compare_stream(W, pieces[:-1])
