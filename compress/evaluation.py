@@ -135,18 +135,28 @@ def load_model(path: Path, *, encoder: bool, device: torch.device, keep: list[An
         model = auto.from_pretrained(path, device_map=str(device))
         return LoadedModel(model.eval(), "transformers + bitsandbytes", tok_dir, size)
     with open_model(path) as reader:
-        if not reader.config:
-            raise InputError("no config.json: cannot tell which architecture to build", where=str(path),
-                             fix="Evaluate a checkpoint folder with its config.json.")
-        config_dict = {k: v for k, v in reader.config.items() if k != "quantization_config"}
-        model_type = config_dict.pop("model_type", None)
-        if model_type is None:
-            raise InputError("config.json has no model_type", where=str(path), fix="Add the model_type field.")
-        config = transformers.AutoConfig.for_model(model_type, **config_dict)
-        dtype = model_dtype(reader.config, torch.float32)
-        model = auto.from_config(config, dtype=dtype)  # initialised, then every weight is overwritten
-        state = {info.name: reader.get(info.name) for info in reader.infos()}
+        model = transformers_model(reader, encoder=encoder)
     how = f"dequantized by compress ({fmt.name})" if fmt is not None else "float weights read by compress"
+    return LoadedModel(model.to(device).eval(), how, tok_dir, size)
+
+
+def transformers_model(reader: Any, *, encoder: bool = False, dtype: torch.dtype | None = None) -> Any:
+    """A transformers model built from ``reader``'s config.json (``AutoModel`` / ``AutoModelForCausalLM``) holding
+    the weights compress reads from it (quantized layouts dequantized), in ``dtype`` (default: the config's,
+    else float32); in eval mode, on the CPU. Every weight the model has must be in the checkpoint."""
+    transformers = require_transformers()
+    auto = transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
+    where = str(reader.path)
+    if not reader.config:
+        raise InputError("no config.json: cannot tell which architecture to build", where=where,
+                         fix="Evaluate a checkpoint folder with its config.json.")
+    config_dict = {k: v for k, v in reader.config.items() if k != "quantization_config"}
+    model_type = config_dict.pop("model_type", None)
+    if model_type is None:
+        raise InputError("config.json has no model_type", where=where, fix="Add the model_type field.")
+    config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    model = auto.from_config(config, dtype=dtype or model_dtype(reader.config, torch.float32))  # then overwritten
+    state = {info.name: reader.get(info.name) for info in reader.infos()}
     prefix = getattr(model, "base_model_prefix", "")
     own = set(model.state_dict())
     if encoder and prefix and not (set(state) & own):  # e.g. 'bert.' prefixed names into a bare BertModel
@@ -157,11 +167,33 @@ def load_model(path: Path, *, encoder: bool, device: torch.device, keep: list[An
     missing = {m for m in missing if not m.endswith(("position_ids", "inv_freq"))}
     if missing:
         raise InputError(f"the checkpoint lacks {len(missing)} weights the model needs (e.g. '{sorted(missing)[0]}')",
-                         where=str(path), fix="Check that config.json describes these weights.")
+                         where=where, fix="Check that config.json describes these weights.")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
-    return LoadedModel(model.to(device).eval(), how, tok_dir, size)
+    return model.eval()
+
+
+@torch.no_grad()
+def mean_token_loss(model: Any, blocks: torch.Tensor, batch: int = 4) -> float:
+    """Mean next-token cross-entropy (nats) of a causal LM over every predicted token of ``blocks`` [n, L]."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, blocks.shape[0], batch):
+        x = blocks[i:i + batch]
+        logits = model(input_ids=x).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                                reduction="sum")
+        total += float(nll)
+        count += x[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def block_logits(model: Any, blocks: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """float32 logits [n, L, vocab] of a causal LM on token ``blocks`` [n, L]."""
+    model.eval()
+    return torch.cat([model(input_ids=blocks[i:i + batch]).logits.float() for i in range(0, blocks.shape[0], batch)])
 
 
 def perplexity(model: Any, ids: torch.Tensor, *, window: int, stride: int,

@@ -487,23 +487,16 @@ def run_smollm2(args: argparse.Namespace, runner: Runner, work: Path) -> dict[st
 
 
 def dequantized_gguf_model(path: Path) -> Any:
-    """transformers' LlamaForCausalLM (float32) holding the weights compress reads from a GGUF file: the
-    generic branch of compress.evaluation.load_model, which prefers llama.cpp for .gguf when it is installed."""
+    """transformers' model (float32) holding the weights compress reads from a GGUF file: the generic branch of
+    compress.evaluation.load_model, which prefers llama.cpp for .gguf when it is installed."""
     import torch
 
+    from compress.evaluation import transformers_model
     from compress.formats.inputs import open_model
 
-    transformers = quiet_transformers()
+    quiet_transformers()
     with open_model(path) as reader:
-        config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
-        config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        state = {info.name: reader.get(info.name) for info in reader.infos()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"{path}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    model.tie_weights()
-    return model.eval()
+        return transformers_model(reader, dtype=torch.float32)
 
 
 def _linear_in_sizes(float_dir: Path, inv: dict[str, Any]) -> list[int]:

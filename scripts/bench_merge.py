@@ -42,6 +42,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from benchlib import compress_exe
 
+from compress.evaluation import block_logits, mean_token_loss
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -103,7 +105,7 @@ class Evaluator:
 
     def measure(self, model: Any | None = None) -> tuple[float, torch.Tensor]:
         model = model or self.model
-        return ft.heldout_loss(model, self.blocks), ft.logits_of(model, self.probe)
+        return mean_token_loss(model, self.blocks), block_logits(model, self.probe)
 
 
 def peft_unmerged(ev: Evaluator, adapter: Path) -> tuple[float, torch.Tensor]:

@@ -192,25 +192,12 @@ def llamacpp_detokenize(llm: Any, token_ids: Sequence[int]) -> str:
 # --- our side: the exported file read back by compress, in transformers ------------------------------------
 
 
-def _no_init_weights() -> Any:
-    for module in ("transformers.initialization", "transformers.modeling_utils"):  # transformers 5, 4
-        with contextlib.suppress(ImportError, AttributeError):
-            return importlib.import_module(module).no_init_weights()
-    return contextlib.nullcontext()
-
-
 def reference_model(reader: Any) -> Any:
-    """transformers ``LlamaForCausalLM`` (float32, eval) holding the weights compress reads from the GGUF
-    (an open :class:`compress.formats.gguf_reader.GGUFReader`)."""
-    import transformers
+    """transformers' ``LlamaForCausalLM`` (float32, eval) holding the weights compress reads from the GGUF (an open
+    :class:`compress.formats.gguf_reader.GGUFReader`)."""
+    from compress.evaluation import transformers_model
 
-    with _no_init_weights():  # every weight is overwritten; random init costs seconds
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**reader.config))
-    state = {info.name: reader.get(info.name) for info in reader.infos()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return model.float().eval()
+    return transformers_model(reader, dtype=torch.float32)
 
 
 def torch_logits(model: Any, token_ids: Sequence[int]) -> np.ndarray:

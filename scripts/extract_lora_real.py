@@ -46,6 +46,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from benchlib import compress_exe, run_measured
 
+from compress.evaluation import block_logits, mean_token_loss
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FINETUNE_SCRIPT = HERE / "finetune_smollm2.py"
@@ -164,16 +166,16 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     # ---- references: base, both fine-tunes, the trained LoRA adapter (unmerged)
     ref: dict[str, Any] = {}
     t0 = time.perf_counter()
-    ref["base"] = ft.heldout_loss(ft.load_causal_lm(folders["base"]), held)
+    ref["base"] = mean_token_loss(ft.load_causal_lm(folders["base"]), held)
     eval_seconds = time.perf_counter() - t0
-    ref["full"] = ft.heldout_loss(ft.load_causal_lm(folders["full"]), held)
+    ref["full"] = mean_token_loss(ft.load_causal_lm(folders["full"]), held)
     merged = ft.load_causal_lm(folders["lora"])
-    ref["lora"] = ft.heldout_loss(merged, held)
-    lora_logits = ft.logits_of(merged, probe)
+    ref["lora"] = mean_token_loss(merged, held)
+    lora_logits = block_logits(merged, probe)
     del merged
     trained = peft_model(folders["base"], folders["lora_adapter"])
-    ref["lora_adapter_unmerged"] = ft.heldout_loss(trained, held)
-    trained_logits = ft.logits_of(trained, probe)
+    ref["lora_adapter_unmerged"] = mean_token_loss(trained, held)
+    trained_logits = block_logits(trained, probe)
     del trained
     noise_floor = float((trained_logits - lora_logits).abs().max())
     logit_scale = float(lora_logits.abs().max())
@@ -193,13 +195,13 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
         timing = run_cli(args, adapters / f"{run['name']}.log")
         summary = summarize_report(json.loads((out / "report.json").read_text()))
         model = peft_model(folders["base"], out)
-        loss = ft.heldout_loss(model, held)
+        loss = mean_token_loss(model, held)
         row: dict[str, Any] = {**run, "command": shlex.join(["compress", *args]), **timing,
                                "adapter_file_bytes": adapter_bytes_on_disk(out), "heldout_loss": loss,
                                "improvement_kept": (ref["base"] - loss) / (ref["base"] - ref[run["tuned"]]),
                                **summary}
         if run["tuned"] == "lora":
-            logits = ft.logits_of(model, probe)
+            logits = block_logits(model, probe)
             row["max_abs_logit_diff_vs_merged"] = float((logits - lora_logits).abs().max())
             row["max_abs_logit_diff_vs_trained_adapter"] = float((logits - trained_logits).abs().max())
             row["loss_diff_vs_merged"] = loss - ref["lora"]

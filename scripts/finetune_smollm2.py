@@ -45,7 +45,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-import torch.nn.functional as F
+
+from compress.evaluation import mean_token_loss
 
 DEFAULT_WORK = Path("/tmp/smollm2_ft")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -129,26 +130,6 @@ def load_blocks(work: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- eval
-
-
-@torch.no_grad()
-def heldout_loss(model: Any, blocks: torch.Tensor, batch: int = 4) -> float:
-    """Mean next-token cross-entropy (nats) over every predicted token of ``blocks`` [n, L]."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, blocks.shape[0], batch):
-        x = blocks[i:i + batch]
-        logits = model(input_ids=x).logits[:, :-1]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll)
-        count += x[:, 1:].numel()
-    return total / count
-
-
-@torch.no_grad()
-def logits_of(model: Any, blocks: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(input_ids=blocks[i:i + batch]).logits.float() for i in range(0, blocks.shape[0], batch)])
 
 
 def load_causal_lm(folder: Path) -> Any:
@@ -309,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "base" in stages and ("base" not in losses or args.force):
         t0 = time.perf_counter()
-        losses["base"] = heldout_loss(load_causal_lm(base_dir), held)
+        losses["base"] = mean_token_loss(load_causal_lm(base_dir), held)
         record["eval_seconds"] = round(time.perf_counter() - t0, 1)
         print(f"base held-out loss {losses['base']:.4f} ({record['eval_seconds']} s)", flush=True)
 
@@ -329,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                      seed=args.seed, label="full")
         info.update({"trained": args.full_params, "trainable_params": sum(q.numel() for q in params),
                      "trainable_tensors": len(names)})
-        losses["full"] = heldout_loss(model, held)
+        losses["full"] = mean_token_loss(model, held)
         if full_dir.exists():
             shutil.rmtree(full_dir)
         model.save_pretrained(full_dir)
@@ -356,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(folder)
         model.save_pretrained(lora_dir)
         merged = model.merge_and_unload()
-        losses["lora"] = heldout_loss(merged, held)
+        losses["lora"] = mean_token_loss(merged, held)
         merged.save_pretrained(merged_dir)
         copy_tokenizer(base_dir, merged_dir)
         record["lora"] = info

@@ -57,6 +57,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from torch import nn
 
+from compress.evaluation import mean_token_loss
+
 HERE = Path(__file__).resolve().parent
 FINETUNE_SCRIPT = HERE / "finetune_smollm2.py"
 DEFAULT_OUT = Path("/tmp/smollm2_adapters")
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate(label: str, model: nn.Module) -> None:
         t0 = time.perf_counter()
-        losses[label] = ft.heldout_loss(model, held)
+        losses[label] = mean_token_loss(model, held)
         eval_seconds[label] = round(time.perf_counter() - t0, 1)
         print(f"held-out loss {label:>22}: {losses[label]:.4f} ({eval_seconds[label]} s)", flush=True)
 
