@@ -3,17 +3,17 @@ results to the sink in plan order.
 
 Every writing command goes through :func:`execute`. Whatever runs the tasks, the sink receives the same
 tensors in the same order, so the output is byte-identical across ``--workers 1``, ``--workers N`` and
-``--executor ray``. Memory stays bounded: the tasks handed out and not yet written hold at most the input bytes of
-``workers + 1`` of the largest task (:class:`Window`), whatever the model size.
+``--executor ray``. Memory stays bounded: the tasks handed out and not yet written hold at most the input
+bytes of ``workers + 1`` of the largest task (:class:`Window`), whatever the model size.
 
 - **serial** (``--workers 1``): in this process, with the inputs the command already opened.
-- **process pool** (``--workers N``): N worker processes (started by a fork server, so that CUDA and
-  torch's thread pools are never inherited half-initialised), each opening the inputs by path once and
-  reading its own tensors by positioned reads. Ctrl-C stops the workers; a worker that dies ends the run
-  with one line.
-- **Ray** (``--executor ray``): the same tasks as Ray tasks, on a local Ray (``num_cpus`` from ``--workers``)
-  or a cluster (``--ray-address``); a task whose worker dies, or that hits an I/O error, is retried
-  (``RAY_RETRIES`` times); one that keeps failing ends the run with one line.
+- **process pool** (``--workers N``, :mod:`compress.pipeline.pool`): N worker processes (started by a fork
+  server, so that CUDA and torch's thread pools are never inherited half-initialised), each opening the
+  inputs by path once and reading its own tensors by positioned reads. Ctrl-C stops the workers; a worker
+  that dies ends the run with one line.
+- **Ray** (``--executor ray``, :mod:`compress.pipeline.ray_runner`): the same tasks as Ray tasks, on a local
+  Ray (``num_cpus`` from ``--workers``) or a cluster (``--ray-address``); a task whose worker dies, or that
+  hits an I/O error, is retried (``RAY_RETRIES`` times); one that keeps failing ends the run with one line.
 
 Threads: every task runs with the same number of torch threads, ``--threads`` (default 1), whichever executor
 runs it: parallelism comes from the workers, and the few results that depend on how a reduction is split
@@ -28,10 +28,7 @@ to it; results leave the device once, encoded.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,7 +40,7 @@ import torch
 from compress.errors import CompressError, OptionError
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.sink import Encoded
-from compress.pipeline.tasks import FAULT_ENV, Source, Task, TaskContext, TaskResult, fault_hook, run_task
+from compress.pipeline.tasks import Source, Task, TaskContext, TaskResult, run_task
 
 Progress = Callable[[str, int], None]  # (task name, input bytes just finished)
 EXECUTORS = ("local", "ray")
@@ -242,56 +239,15 @@ def _runner(options: ExecutorOptions, sources: Mapping[str, Source], opened: Map
             torch.set_num_threads(threads)
             ctx.close()
     elif options.kind == "local":
-        with _ProcessPool(sources, device, options.workers, options.task_threads) as pool:
+        from compress.pipeline.pool import ProcessPool
+
+        with ProcessPool(sources, device, options.workers, options.task_threads) as pool:
             yield pool.results
     else:
-        with _RayRunner(sources, device, options) as ray_runner:
+        from compress.pipeline.ray_runner import RayRunner
+
+        with RayRunner(sources, device, options) as ray_runner:
             yield ray_runner.results
-
-
-# --- the local process pool ------------------------------------------------------------------------------
-
-_WORKER_CONTEXT: TaskContext | None = None  # a pool worker's inputs, opened once
-_WORKER_FAULT: str | None = None
-
-
-def _init_pool_worker(sources: Mapping[str, Source], device: str, threads: int, fault: str | None) -> None:
-    global _WORKER_CONTEXT, _WORKER_FAULT
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
-    tune_allocator()
-    torch.set_num_threads(threads)
-    _WORKER_CONTEXT = TaskContext(sources, torch.device(device))
-    _WORKER_FAULT = fault
-
-
-def _run_pool_task(task: Task) -> TaskResult:
-    assert _WORKER_CONTEXT is not None
-    fault_hook(task, _WORKER_FAULT)
-    result = run_task(task, _WORKER_CONTEXT)
-    result.tensors = SharedTensors(result.tensors)  # type: ignore[assignment]
-    return result
-
-
-class SharedTensors:
-    """A task's tensors in one torch uint8 buffer: multiprocessing moves a torch tensor between local processes
-    through shared memory (one copy in the worker, none in the parent, one file descriptor for the whole task)
-    instead of pickling bytes through a pipe. Iterates as (name, Encoded) pairs, each a view of the buffer."""
-
-    def __init__(self, tensors: list[tuple[str, Encoded]]) -> None:
-        self.buffer = torch.empty(sum(t.nbytes for _, t in tensors), dtype=torch.uint8)
-        self.entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
-        start = 0
-        for name, tensor in tensors:
-            self.buffer[start:start + tensor.nbytes].numpy()[:] = tensor.array()
-            self.entries.append((name, tensor.dtype, tensor.shape, start, tensor.nbytes))
-            start += tensor.nbytes
-
-    def __iter__(self) -> Iterator[tuple[str, Encoded]]:
-        for name, dtype, shape, start, size in self.entries:
-            yield name, Encoded(dtype, shape, self.buffer[start:start + size])
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
 
 class Window:
@@ -321,191 +277,7 @@ class Window:
         self.count -= 1
 
 
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Ctrl-C that arrives inside the block takes effect (KeyboardInterrupt) when it ends. Only the main thread
-    handles signals; elsewhere the block runs as is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """SIGINT blocked for this thread inside the block: a process started meanwhile inherits the mask."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-class _ProcessPool:
-    """N worker processes; results in plan order, tasks handed out through a :class:`Window`."""
-
-    def __init__(self, sources: Mapping[str, Source], device: torch.device, workers: int, threads: int) -> None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                                          else "spawn")
-        if ctx.get_start_method() == "forkserver":
-            from multiprocessing import forkserver
-
-            ctx.set_forkserver_preload([__name__])  # workers start from a process that has torch imported
-            # The fork server, and every worker forked from it, starts with Ctrl-C (SIGINT) blocked: the terminal
-            # sends it to the whole process group, but stopping the workers is this process's job (it terminates
-            # them), and a worker interrupted while it starts up would print a traceback.
-            with _sigint_deferred(), _sigint_blocked():
-                forkserver.ensure_running()
-        self.workers = workers
-        self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
-                                        initargs=(dict(sources), str(device), threads, os.environ.get(FAULT_ENV)))
-        # The executor's own table of its processes (it forgets it on shutdown; we may need it after).
-        self.processes: dict[int, Any] = self.pool._processes  # type: ignore[attr-defined]
-
-    def results(self, tasks: Sequence[Task]) -> Iterator[TaskResult]:
-        from concurrent.futures.process import BrokenProcessPool
-
-        pending: deque[tuple[Task, Any]] = deque()
-        window = Window(tasks, self.workers)
-
-        def submit() -> None:
-            while (task := window.next()) is not None:
-                with _sigint_deferred():  # a submit may start a worker: never leave one half-started
-                    pending.append((task, self.pool.submit(_run_pool_task, task)))
-
-        submit()
-        while pending:
-            task, future = pending.popleft()
-            try:
-                result = future.result()
-            except BrokenProcessPool as e:
-                raise WorkerError(f"a worker process died while running '{task.name}' (or a task beside it); "
-                                  "nothing was written",
-                                  fix="It may have run out of memory: run again with fewer --workers.") from e
-            window.done(task)
-            submit()
-            yield result
-
-    def __enter__(self) -> _ProcessPool:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is None:
-            self.pool.shutdown(wait=True)
-            return
-        # An error or Ctrl-C: stop the running tasks now and drop the queued ones (the executor has no public way
-        # to stop its workers before Python 3.14).
-        for process in list(self.processes.values()):
-            with contextlib.suppress(Exception):
-                process.terminate()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for process in list(self.processes.values()):  # including one started meanwhile
-            with contextlib.suppress(Exception):
-                process.terminate()
-                process.join(5)
-
-
 class WorkerError(CompressError):
     """A worker process or Ray task failed for a reason other than the input (it died, or kept failing)."""
 
     exit_code = 1
-
-
-# --- Ray ------------------------------------------------------------------------------------------------
-
-_RAY_CONTEXT: tuple[str, TaskContext] | None = None  # (run id, context) of the run this Ray worker serves
-
-
-def _run_ray_task(run_id: str, sources: Mapping[str, Source], device: str, threads: int, fault: str | None,
-                  task: Task) -> TaskResult:
-    global _RAY_CONTEXT
-    if _RAY_CONTEXT is None or _RAY_CONTEXT[0] != run_id:
-        if _RAY_CONTEXT is not None:
-            _RAY_CONTEXT[1].close()
-        tune_allocator()
-        torch.set_num_threads(threads)
-        _RAY_CONTEXT = (run_id, TaskContext(sources, torch.device(device)))
-    fault_hook(task, fault)
-    return run_task(task, _RAY_CONTEXT[1])
-
-
-class _RayRunner:
-    """The tasks as Ray tasks, results fetched in plan order, tasks handed out through a :class:`Window`."""
-
-    def __init__(self, sources: Mapping[str, Source], device: torch.device, options: ExecutorOptions) -> None:
-        try:
-            import ray
-        except ImportError as e:
-            raise OptionError("--executor ray needs Ray, which is not installed",
-                              fix="pip install 'compress[cluster]' (or pip install ray), or use --workers N.") from e
-        self.ray = ray
-        self.started_here = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
-                                      "log_to_driver": False, "configure_logging": True}
-            try:
-                if options.ray_address is None:
-                    ray.init(num_cpus=max(options.workers, 1), **kwargs)
-                else:
-                    ray.init(address=options.ray_address, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise OptionError(f"cannot start or reach Ray at {options.ray_address or 'a new local instance'} "
-                                  f"({' '.join(str(e).split())[:200]})",
-                                  fix="Check --ray-address (the head's host:port, as `ray start --head` printed it).") \
-                    from e
-            self.started_here = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.in_flight = options.workers or cpus
-        threads = options.task_threads
-        self.remote = ray.remote(_run_ray_task).options(num_cpus=1, max_retries=RAY_RETRIES,
-                                                        retry_exceptions=[OSError])
-        self.args = (os.urandom(8).hex(), ray.put(dict(sources)), str(device), threads, os.environ.get(FAULT_ENV))
-
-    def results(self, tasks: Sequence[Task]) -> Iterator[TaskResult]:
-        ray = self.ray
-        pending: deque[tuple[Task, Any]] = deque()
-        window = Window(tasks, self.in_flight)
-
-        def submit() -> None:
-            while (task := window.next()) is not None:
-                pending.append((task, self.remote.remote(*self.args, task)))
-
-        submit()
-        while pending:
-            task, ref = pending.popleft()
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, CompressError):
-                    raise cause from None
-                raise WorkerError(f"Ray task '{task.name}' failed ({type(cause or e).__name__}: "
-                                  f"{' '.join(str(cause or e).split())[:300]}); nothing was written",
-                                  fix="See the error; I/O errors were retried "
-                                      f"{RAY_RETRIES} times.") from e
-            except (ray.exceptions.WorkerCrashedError, ray.exceptions.RaySystemError,
-                    ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as e:
-                raise WorkerError(f"the Ray worker running '{task.name}' died {RAY_RETRIES + 1} times; nothing "
-                                  "was written", fix="It may have run out of memory: check the nodes, or run "
-                                  "with fewer tasks in flight (--workers).") from e
-            window.done(task)
-            submit()
-            yield result
-
-    def __enter__(self) -> _RayRunner:
-        return self
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if self.started_here:
-            with contextlib.suppress(Exception):
-                self.ray.shutdown()
