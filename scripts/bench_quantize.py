@@ -8,19 +8,14 @@ Sections (each can be skipped with --skip):
    round (the order rotates), so a noisy shared machine slows them alike; we report min and median.
    Before timing, the packed codes and the statistics are checked to be identical to bitsandbytes'
    (the script fails otherwise). Runs once per ``--threads`` setting.
-2. ``stages``: what the pipeline does per tensor besides quantizing (finite check, dequantize,
-   error metrics, packing), on the same matrix, for nf4 and int4.
-3. ``e2e``: ``compress quantize`` of the SmolLM2-135M GGUF (nf4 and int4) in a subprocess (the
-   ``compress`` console script): wall time and peak RSS (``wait4`` rusage), plus peaks of anonymous
-   and file-backed RSS sampled from /proc. One extra instrumented run per method (light timers
-   around the pipeline's functions, in a child process) tells where the time goes.
+2. ``stages``: what a quantize task does with a tensor (quantize, measure the error piece by piece,
+   pack), on the same matrix, for nf4 and int4.
+3. ``e2e``: ``compress quantize`` of the SmolLM2-135M GGUF (nf4, int4, and nf4 with ``--workers 2``) in a
+   subprocess (the ``compress`` console script): wall time and peak RSS (``wait4`` rusage), and the task
+   phase as the executor records it in the provenance file (its seconds, the time to the first result).
 4. ``stream``: a synthetic sharded float32 checkpoint (default 4 GiB, 64 MiB tensors, 1 GiB shards;
    ``scripts/make_synthetic_checkpoint.py``) under ``--workdir``, quantized to nf4 and int4 with the
-   console script, measuring peak RSS; then once more (nf4, instrumented) with the safetensors
-   reader's ``get`` replaced -- in that child process only, the package is not modified -- by the
-   memory-mapped reader the package used before commit f5c1b09 (``safe_open(...).get_tensor``
-   with the handles kept open), to show what mapped file pages do to RSS. Everything written
-   under the work folder is deleted afterwards.
+   console script, measuring peak RSS. Everything written under the work folder is deleted afterwards.
 
 Peak RSS is measured by ``benchlib.run_measured``: a tiny launcher process forks the measured command
 and reads its ``wait4`` rusage (see benchlib for why this process must not be the parent).
@@ -34,7 +29,6 @@ Writes ``<out>.json`` (all raw numbers, machine info) and ``<out>.md`` (tables +
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -48,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import compress_exe, dir_bytes, loadavg, read_proc_status, run_measured, smollm2_gguf, stats
+from benchlib import compress_exe, dir_bytes, loadavg, run_measured, smollm2_gguf, stats
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -182,16 +176,15 @@ def micro(size: int, rounds: int, threads: int) -> dict[str, Any]:
 
 # --- 2. per-tensor pipeline stages ---------------------------------------------------------------
 
-STAGES = ("isfinite", "quantize", "dequantize", "compare", "pack")
+STAGES = ("quantize", "error", "pack")
 
 
 def stages(size: int, rounds: int, threads: int) -> dict[str, Any]:
-    """The work ``pipeline.run.execute`` does per quantized tensor, timed step by step."""
+    """What a quantize task does with a weight (pipeline.quantize.QuantizeWeight), timed step by step."""
     import torch
 
     torch.set_num_threads(threads)
     from compress.formats import FORMATS
-    from compress.metrics import compare
     from compress.quant import METHODS, make_config
 
     W = make_matrix(size, size)
@@ -205,19 +198,15 @@ def stages(size: int, rounds: int, threads: int) -> dict[str, Any]:
         for _ in range(rounds):
             gc.collect()
             t0 = time.perf_counter()
-            bool(torch.isfinite(W).all())
-            t1 = time.perf_counter()
             qt = m.quantize(W, cfg)
+            t1 = time.perf_counter()
+            qt.error_against(W)
             t2 = time.perf_counter()
-            deq = qt.dequantize(torch.float32)
-            t3 = time.perf_counter()
-            compare(W.float(), deq)
-            t4 = time.perf_counter()
             f.pack("model.layers.0.mlp.up_proj.weight", qt)
-            t5 = time.perf_counter()
-            for k, a, b in zip(STAGES, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5), strict=True):
+            t3 = time.perf_counter()
+            for k, a, b in zip(STAGES, (t0, t1, t2), (t1, t2, t3), strict=True):
                 times[k].append(b - a)
-            del qt, deq
+            del qt
         per = {k: stats(v) for k, v in times.items()}
         total_med = sum(v["median"] for v in per.values())
         out["methods"][method] = {"format": fmt, "times": per, "sum_of_medians": total_med,
@@ -225,159 +214,31 @@ def stages(size: int, rounds: int, threads: int) -> dict[str, Any]:
     return out
 
 
-# --- subprocess measurement ----------------------------------------------------------------------
-
-
-def instrumented_cmd(json_out: Path, cli_args: list[str], *, mmap_reader: bool) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_instrumented", str(json_out)]
-    if mmap_reader:
-        cmd.append("--_mmap")
-    return [*cmd, "--", *cli_args]
-
-
-# --- instrumented child (runs the `compress` CLI in-process with timers) --------------------------
-
-STAGE_LABELS = {
-    "imports": "import compress.cli (torch, click, rich, ...)",
-    "cli": "`compress quantize` itself (in-process)",
-    "open_model": "  open the checkpoint (open_model)",
-    "scan_gguf": "    GGUF: our header scan (scan_gguf)",
-    "gguf_package": "    GGUF: gguf.GGUFReader parse (open_gguf_package)",
-    "plan": "  plan (make_plan)",
-    "execute": "  per-tensor loop (execute)",
-    "read": "    read a tensor (reader.get)",
-    "isfinite": "    finite check (torch.isfinite)",
-    "quantize": "    quantize",
-    "dequantize": "    dequantize, for the error metrics",
-    "compare": "    error metrics (metrics.compare)",
-    "pack": "    pack to the output layout (format.pack)",
-    "write": "    write tensors (ShardedWriter.write)",
-    "sidecar": "  sidecar files (write_sidecar_files)",
-    "tokenizer": "    GGUF: tokenizer via transformers (_tokenizer_files)",
-    "startup": "interpreter start + exit (wall - imports - command)",
-}
-
-
-def instrumented_main(json_out: Path, cli_args: list[str], mmap_reader: bool) -> int:
-    t_start = time.perf_counter()
-    import dataclasses
-
-    import torch
-
-    import compress.cli as cli
-    import compress.formats.checkpoint as ckpt
-    import compress.formats.gguf_reader as gr
-    import compress.pipeline.quantize as run
-    from compress.formats.bnb import BnbFormat
-    from compress.formats.gptq import GptqFormat
-    from compress.formats.writer import ShardedWriter
-    from compress.quant import METHODS
-    from compress.quant.int4 import Int4Tensor
-    from compress.quant.nf4 import NF4Tensor
-
-    t_imported = time.perf_counter()
-    timers: dict[str, list[float]] = {}
-    rss_after_writes: list[dict[str, int]] = []
-
-    def timed(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                slot = timers.setdefault(key, [0.0, 0])
-                slot[0] += time.perf_counter() - t
-                slot[1] += 1
-
-        return wrapper
-
-    def wrap(owner: Any, attr: str, key: str) -> None:
-        setattr(owner, attr, timed(getattr(owner, attr), key))
-
-    if mmap_reader:
-        from safetensors import safe_open
-
-        handles: dict[Path, Any] = {}
-
-        def mmap_get(self: Any, name: str) -> torch.Tensor:
-            """The reader before commit f5c1b09: a copy out of safe_open's memory map, handle kept open."""
-            file = self._file_of[name]
-            if file not in handles:
-                handles[file] = safe_open(str(file), framework="pt")
-            return handles[file].get_tensor(name)
-
-        ckpt.SafetensorsReader.get = mmap_get
-
-    wrap(run, "open_model", "open_model")
-    wrap(gr, "scan_gguf", "scan_gguf")
-    wrap(gr, "open_gguf_package", "gguf_package")
-    wrap(run, "make_plan", "plan")
-    wrap(run, "execute", "execute")
-    wrap(gr.GGUFReader, "get", "read")
-    wrap(ckpt.SafetensorsReader, "get", "read")
-    wrap(torch, "isfinite", "isfinite")
-    for name, m in list(METHODS.items()):
-        METHODS[name] = dataclasses.replace(m, quantize=timed(m.quantize, "quantize"))
-    wrap(NF4Tensor, "dequantize", "dequantize")
-    wrap(Int4Tensor, "dequantize", "dequantize")
-    wrap(run, "compare", "compare")
-    wrap(BnbFormat, "pack", "pack")
-    wrap(GptqFormat, "pack", "pack")
-    wrap(ShardedWriter, "write", "write")
-    wrap(run, "write_quantized_files", "sidecar")
-    wrap(gr, "_tokenizer_files", "tokenizer")
-
-    timed_write = ShardedWriter.write
-
-    def write_and_sample(self: Any, name: str, tensor: Any) -> None:
-        timed_write(self, name, tensor)
-        rss_after_writes.append(read_proc_status())  # RSS after each output tensor (outside the timer)
-
-    ShardedWriter.write = write_and_sample
-
-    t_cli = time.perf_counter()
-    rc = cli.main(cli_args)
-    t_end = time.perf_counter()
-    step = max(1, len(rss_after_writes) // 40)
-    json_out.write_text(json.dumps({
-        "rc": rc, "mmap_reader": mmap_reader, "imports_s": t_imported - t_start, "cli_s": t_end - t_cli,
-        "timers": {k: {"seconds": v[0], "calls": v[1]} for k, v in timers.items()},
-        "final_status": read_proc_status(), "rss_after_writes": rss_after_writes[::step],
-    }, indent=1))
-    return rc
-
-
-def breakdown(child: dict[str, Any], wall: float) -> dict[str, Any]:
-    seconds = {"imports": child["imports_s"], "cli": child["cli_s"]}
-    seconds.update({k: v["seconds"] for k, v in child["timers"].items()})
-    seconds["startup"] = wall - child["imports_s"] - child["cli_s"]
-    return {"wall_s": wall, "seconds": seconds, "calls": {k: v["calls"] for k, v in child["timers"].items()}}
-
-
 # --- 3. end-to-end GGUF --------------------------------------------------------------------------
 
 
-def e2e_gguf(rounds: int, instrument: bool, workdir: Path, env: dict[str, str],
-             one_thread: bool) -> dict[str, Any]:
-    """Each round runs every variant once (rotating order). With ``one_thread`` an extra nf4 variant
-    runs with OMP_NUM_THREADS=1 (torch then uses one thread), to show the cost of thread contention."""
+def provenance_execution(out: Path) -> dict[str, Any]:
+    """The executor's figures of a run, from its provenance file (a folder's or a GGUF's sidecar)."""
+    prov = out / "compress_provenance.json" if out.is_dir() else out.with_name(out.name.removesuffix(".gguf")
+                                                                              + ".provenance.json")
+    return json.loads(prov.read_text())["execution"]
+
+
+def e2e_gguf(rounds: int, workdir: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Each round runs every variant once (rotating order): nf4, int4, and nf4 on 2 worker processes."""
     gguf = smollm2_gguf()
-    variants: dict[str, tuple[str, dict[str, str]]] = {"nf4": ("nf4", {}), "int4": ("int4", {})}
-    if one_thread:
-        variants["nf4, OMP_NUM_THREADS=1"] = ("nf4", {"OMP_NUM_THREADS": "1"})
+    variants: dict[str, list[str]] = {"nf4": ["--method", "nf4"], "int4": ["--method", "int4"],
+                                      "nf4, --workers 2": ["--method", "nf4", "--workers", "2"]}
     names = list(variants)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
     for r in range(rounds):
         shift = r % len(names)
         for i, name in enumerate(names[shift:] + names[:shift]):
-            method, extra_env = variants[name]
             out = workdir / f"gguf-{i}"
-            res = run_measured([compress_exe(), "quantize", str(gguf), "-o", str(out), "--method", method, "-q",
-                                "--force"], env={**env, **extra_env}, log_dir=workdir / "logs",
-                               tag=f"gguf-{names.index(name)}-{r}")
+            res = run_measured([compress_exe(), "quantize", str(gguf), "-o", str(out), *variants[name], "-q",
+                                "--force"], env=env, log_dir=workdir / "logs", tag=f"gguf-{names.index(name)}-{r}")
             res["output_bytes"] = dir_bytes(out)
-            res["extra_env"] = extra_env
+            res["execution"] = provenance_execution(out)
             shutil.rmtree(out)
             runs[name].append(res)
     result: dict[str, Any] = {"input": str(gguf), "input_bytes": gguf.stat().st_size, "rounds": rounds,
@@ -387,26 +248,17 @@ def e2e_gguf(rounds: int, instrument: bool, workdir: Path, env: dict[str, str],
         result["methods"][name] = {
             "wall_s": stats([x["wall_s"] for x in rs]),
             "user_s": stats([x["user_s"] for x in rs]),
+            "task_phase_s": stats([x["execution"]["seconds"] for x in rs]),
             "max_rss_bytes": stats([x["max_rss_bytes"] for x in rs]),
             "output_bytes": rs[0]["output_bytes"], "runs": rs,
         }
-    if instrument:  # nf4 only: int4 differs only in the quantize and pack rows
-        out = workdir / "gguf-nf4-instr"
-        js = workdir / "gguf-nf4-instr.json"
-        cmd = instrumented_cmd(js, ["quantize", str(gguf), "-o", str(out), "--method", "nf4", "-q", "--force"],
-                               mmap_reader=False)
-        res = run_measured(cmd, env=env, log_dir=workdir / "logs", tag="gguf-nf4-instr")
-        shutil.rmtree(out)
-        bd = breakdown(json.loads(js.read_text()), res["wall_s"])
-        bd["max_rss_bytes"] = res["max_rss_bytes"]
-        result["methods"]["nf4"]["breakdown"] = bd
     return result
 
 
 # --- 4. streaming a large synthetic checkpoint ---------------------------------------------------
 
 
-def stream(gib: int, workdir: Path, env: dict[str, str], instrument: bool, keep: bool) -> dict[str, Any]:
+def stream(gib: int, workdir: Path, env: dict[str, str], keep: bool) -> dict[str, Any]:
     layers = gib * 4  # 4 x [4096, 4096] float32 (64 MiB each) per layer = 256 MiB per layer
     per_shard = 4 if gib >= 2 else 1  # 1 GiB shards (256 MiB for the small --quick checkpoint)
     ckpt_dir = workdir / f"synthetic-{gib}g"
@@ -427,21 +279,9 @@ def stream(gib: int, workdir: Path, env: dict[str, str], instrument: bool, keep:
                                 "-q", "--force"], env=env, log_dir=workdir / "logs", tag=f"stream-{method}")
             res["output_bytes"] = dir_bytes(out)
             res["below_limit"] = res["max_rss_bytes"] < RSS_LIMIT_BYTES
+            res["execution"] = provenance_execution(out)
             shutil.rmtree(out)
             result["runs"][method] = res
-        if instrument:
-            out = workdir / "synthetic-nf4-mmap"
-            js = workdir / "stream-nf4-mmap.json"
-            cmd = instrumented_cmd(js, ["quantize", str(ckpt_dir), "-o", str(out), "--method", "nf4", "-q",
-                                        "--force"], mmap_reader=True)
-            res = run_measured(cmd, env=env, log_dir=workdir / "logs", tag="stream-nf4-mmap")
-            res["output_bytes"] = dir_bytes(out)
-            res["below_limit"] = res["max_rss_bytes"] < RSS_LIMIT_BYTES
-            shutil.rmtree(out)
-            child = json.loads(js.read_text())
-            res["breakdown"] = breakdown(child, res["wall_s"])
-            res["rss_after_writes"] = child["rss_after_writes"]
-            result["runs"]["nf4, memory-mapped reader as before f5c1b09 (experiment)"] = res
     finally:
         if not keep:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -523,12 +363,15 @@ def write_markdown(path: Path, data: dict[str, Any], json_name: str) -> None:
         s0 = all_stages[0]
         L += [f"## 2. Per-tensor pipeline work on one {s0['size'][0]}x{s0['size'][1]} float32 matrix "
               f"({s0['rounds']} rounds, median seconds)", ""]
-        L += ["What `pipeline.run.execute` does for every quantized tensor besides reading and writing it.", ""]
-        L += ["| threads | method | finite check | quantize | dequantize | compare | pack | sum | sum / quantize |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        L += ["What a quantize task does with a tensor besides reading it and the parent writing its bytes: "
+              "quantize, measure the error (the reconstruction taken piece by piece), pack.", ""]
+        L += ["| threads | method | quantize | error metrics | pack | sum | sum / quantize |",
+              "|---|---|---:|---:|---:|---:|---:|"]
         for s in all_stages:
             for meth, v in s["methods"].items():
                 tt = v["times"]
+                if set(STAGES) - set(tt):  # an older run, with other stages: not comparable
+                    continue
                 L.append(f"| {s['threads']} | {meth} | " + " | ".join(f"{tt[k]['median']:.3f}" for k in STAGES)
                          + f" | {v['sum_of_medians']:.3f} | {v['pipeline_over_quantize']:.1f}x |")
         L.append("")
@@ -538,20 +381,17 @@ def write_markdown(path: Path, data: dict[str, Any], json_name: str) -> None:
         L += [f"## 3. End to end: `compress quantize` of SmolLM2-135M-Instruct Q4_1 GGUF "
               f"({mib(e['input_bytes'])}), {e['rounds']} round(s) per method", ""]
         L += ["`compress quantize MODEL.gguf -o OUT --method M -q --force`, the console script in a subprocess "
-              "forked by a small launcher; peak RSS is its `wait4` rusage (`ru_maxrss`). Rounds are interleaved; "
-              "the `OMP_NUM_THREADS=1` row is the same nf4 command with torch limited to one thread.", ""]
-        L += ["| method | wall s (min) | wall s (median) | CPU user s (median) | peak RSS (max over runs) | output |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "forked by a small launcher; peak RSS is its `wait4` rusage (`ru_maxrss`, the largest single "
+              "process). Rounds are interleaved. The task phase is what the executor records in the provenance "
+              "file: reading, quantizing and writing the tensors, without Python's start-up and imports.", ""]
+        L += ["| method | wall s (min) | wall s (median) | task phase s (median) | CPU user s (median) | "
+              "peak RSS (max over runs) | output |", "|---|---:|---:|---:|---:|---:|---:|"]
         for meth, v in e["methods"].items():
             user = f"{v['user_s']['median']:.1f}" if "user_s" in v else ""
-            L.append(f"| {meth} | {v['wall_s']['min']:.1f} | {v['wall_s']['median']:.1f} | {user} | "
+            phase = f"{v['task_phase_s']['median']:.1f}" if "task_phase_s" in v else ""
+            L.append(f"| {meth} | {v['wall_s']['min']:.1f} | {v['wall_s']['median']:.1f} | {phase} | {user} | "
                      f"{mib(v['max_rss_bytes']['max'])} | {mib(v['output_bytes'])} |")
         L.append("")
-        bds = {k: v["breakdown"] for k, v in e["methods"].items() if "breakdown" in v}
-        if bds:
-            L += _breakdown_table("Where the time goes: one instrumented run (nf4; int4 differs only in the "
-                                  "quantize and pack rows), timers around the pipeline's functions, seconds; "
-                                  "indented rows are part of the row above", bds)
 
     if "stream" in data:
         st = data["stream"]
@@ -563,8 +403,7 @@ def write_markdown(path: Path, data: dict[str, Any], json_name: str) -> None:
               f"{mib(st['build']['max_rss_bytes'])} (one shard at a time). {st['note']}. Limit: "
               f"{mib(st['limit_bytes'])}. Peak RSS is the command's `wait4` rusage (forked by a small launcher); "
               "anonymous / file-backed are the peaks of `RssAnon` / `RssFile` sampled every 50 ms from "
-              "/proc/PID/status. The experiment row runs the same nf4 command in a child that swaps in the "
-              "previous memory-mapped safetensors reader (nothing in the package is modified).", ""]
+              "/proc/PID/status.", ""]
         L += ["| run | wall s | peak RSS (rusage) | peak anonymous | peak file-backed | output | < 1.5 GiB |",
               "|---|---:|---:|---:|---:|---:|---|"]
         for name, v in st["runs"].items():
@@ -572,34 +411,12 @@ def write_markdown(path: Path, data: dict[str, Any], json_name: str) -> None:
             L.append(f"| {name} | {v['wall_s']:.0f} | {mib(v['max_rss_bytes'])} | {mib(p['RssAnon'])} | "
                      f"{mib(p['RssFile'])} | {mib(v['output_bytes'])} | {'yes' if v['below_limit'] else 'NO'} |")
         L.append("")
-        bds = {k: v["breakdown"] for k, v in st["runs"].items() if "breakdown" in v}
-        if bds:
-            L += _breakdown_table("Where the time goes (the instrumented experiment run; only the read row "
-                                  "depends on the reader)", bds)
 
     if data.get("findings"):
         L += ["## Automatic observations", ""]
         L += [f"- {f}" for f in data["findings"]]
         L.append("")
     path.write_text("\n".join(L))
-
-
-def _breakdown_table(title: str, bds: dict[str, dict[str, Any]]) -> list[str]:
-    names = list(bds)
-    keys = [k for k in STAGE_LABELS if any(k in b["seconds"] for b in bds.values())]
-    out = [title + ":", "", "| stage | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    out.append("| wall (measured outside) | " + " | ".join(f"{bds[n]['wall_s']:.1f}" for n in names) + " |")
-    for key in keys:
-        label = STAGE_LABELS[key]
-        indent = len(label) - len(label.lstrip(" "))
-        label = "&nbsp;" * (2 * indent) + label.strip()
-        cells = []
-        for n in names:
-            v = bds[n]["seconds"].get(key)
-            calls = bds[n]["calls"].get(key)
-            cells.append("" if v is None else f"{v:.2f}" + (f" ({calls} calls)" if calls and calls > 1 else ""))
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
-    return [*out, ""]
 
 
 def summarize(data: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -626,8 +443,6 @@ def summarize(data: dict[str, Any]) -> list[tuple[str, str, str]]:
                          f"{v['wall_s']['median']:.1f} s (median), {mib(v['max_rss_bytes']['max'])}", "reported"))
     if "stream" in data:
         for name, v in data["stream"]["runs"].items():
-            if "experiment" in name:
-                continue
             rows.append((f"streaming {mib(data['stream']['input_bytes'])} → {name}: peak RSS < 1.5 GiB",
                          mib(v["max_rss_bytes"]), "yes" if v["below_limit"] else "no"))
     return rows
@@ -647,15 +462,11 @@ def findings(data: dict[str, Any]) -> list[str]:
     e = data.get("e2e")
     if e:
         for meth, v in e["methods"].items():
-            b = v.get("breakdown")
-            if b:
-                s = b["seconds"]
-                q = s.get("quantize", 0.0)
-                out.append(f"GGUF → {meth}: quantize itself {q:.2f} s of {b['wall_s']:.1f} s wall "
-                           f"({100 * q / b['wall_s']:.0f}%); tokenizer {s.get('tokenizer', 0):.1f} s, "
-                           f"open {s.get('open_model', 0):.1f} s, imports {s.get('imports', 0):.1f} s, "
-                           f"GGUF tensor reads (dequantize Q4_1) {s.get('read', 0):.1f} s, error metrics "
-                           f"{s.get('dequantize', 0) + s.get('compare', 0):.1f} s.")
+            if "task_phase_s" in v:
+                phase, wall = v["task_phase_s"]["median"], v["wall_s"]["median"]
+                out.append(f"GGUF → {meth}: the task phase takes {phase:.1f} s of {wall:.1f} s wall "
+                           f"({100 * phase / wall:.0f}%); the rest is Python's start-up, imports, opening the GGUF "
+                           "and its tokenizer, planning and the output's other files.")
     return out
 
 
@@ -666,15 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smaller run: 2048² matrix, 3 rounds, default threads only, 1 GiB stream, 1 e2e round, "
-                         "no instrumented runs")
+                    help="smaller run: 2048² matrix, 3 rounds, default threads only, 1 GiB stream, 1 e2e round")
     ap.add_argument("--rounds", type=int, help="micro-benchmark rounds (default 7; quick 3)")
     ap.add_argument("--size", type=int, help="matrix side (default 4096; quick 2048)")
     ap.add_argument("--threads", help="comma-separated torch thread counts for the micro-benchmark and stages "
                                       "(default: torch's default, then 1)")
     ap.add_argument("--e2e-rounds", type=int, help="end-to-end GGUF rounds per method (default 2; quick 1)")
     ap.add_argument("--stream-gib", type=int, help="synthetic checkpoint size in GiB (default 4; quick 1)")
-    ap.add_argument("--no-instrument", action="store_true", help="skip the instrumented (breakdown) runs")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: micro,stages,e2e,stream")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where scratch files go (deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (synthetic checkpoint, logs)")
@@ -682,14 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="output prefix: writes OUT.json and OUT.md (default reports/bench_quantize)")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="only rewrite OUT.md from an existing results JSON (no measurement)")
-    ap.add_argument("--_instrumented", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--_mmap", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("cli_args", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args._instrumented is not None:
-        return instrumented_main(args._instrumented, args.cli_args, args._mmap)
-    if args.cli_args:
-        ap.error(f"unexpected arguments: {args.cli_args}")
     md_path = args.out.parent / (args.out.name + ".md")
     if args.render is not None:
         data = json.loads(args.render.read_text())
@@ -710,7 +512,6 @@ def main(argv: list[str] | None = None) -> int:
         threads = [default_threads] if quick or default_threads == 1 else [default_threads, 1]
     e2e_rounds = args.e2e_rounds or (1 if quick else 2)
     stream_gib = args.stream_gib or (1 if quick else 4)
-    instrument = not (quick or args.no_instrument)
     skip = {s for s in args.skip.split(",") if s}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -722,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                                   *(argv if argv is not None else sys.argv[1:])])
     data: dict[str, Any] = {"command": cmd, "machine": machine_info(),
                             "settings": {"rounds": rounds, "size": size, "threads": threads, "e2e_rounds": e2e_rounds,
-                                         "stream_gib": stream_gib, "instrument": instrument, "skip": sorted(skip)}}
+                                         "stream_gib": stream_gib, "skip": sorted(skip)}}
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
@@ -746,11 +547,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(default_threads)
         gc.collect()
         if "e2e" not in skip:
-            log(f"e2e GGUF: {e2e_rounds} round(s) x nf4/int4" + (" + instrumented runs" if instrument else ""))
-            data["e2e"] = e2e_gguf(e2e_rounds, instrument, workdir, env, one_thread=not quick)
+            log(f"e2e GGUF: {e2e_rounds} round(s) x nf4 / int4 / nf4 --workers 2")
+            data["e2e"] = e2e_gguf(e2e_rounds, workdir, env)
         if "stream" not in skip:
             log(f"stream: {stream_gib} GiB synthetic checkpoint")
-            data["stream"] = stream(stream_gib, workdir, env, instrument, args.keep)
+            data["stream"] = stream(stream_gib, workdir, env, args.keep)
         data["probe"]["end"] = contention_probe()
     finally:
         if not args.keep:
