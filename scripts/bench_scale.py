@@ -10,7 +10,13 @@ we report the median wall time, the speed-up as the median of the per-round rati
 whole process tree (the command, its worker processes, a local Ray's processes: summed PSS, sampled every
 0.1 s). Every output is checked byte-identical to the serial one.
 
+What two processes can get from this machine at all is measured beside it (the *ceiling*): the quantize task
+of every weight of one decoder layer (read, quantize, measure, pack: the same QuantizeWeight.run the executors
+call) in one process alone, then in two processes at once, with no executor and nothing written; the ratio of
+throughputs is the most two workers could reach here.
+
     python scripts/bench_scale.py [--rounds 2] [--jobs nf4,int4,q4_k_m,extract] [--work /tmp/compress-bench-scale]
+    python scripts/bench_scale.py --ceiling-only     # measure the ceiling, add it to an existing report
 
 Writes reports/bench_scale.{md,json}.
 """
@@ -23,6 +29,7 @@ import json
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +47,7 @@ JOBS: dict[str, list[str]] = {
 }
 EXECUTORS: dict[str, list[str]] = {"serial": [], "workers2": ["--workers", "2"],
                                    "ray2": ["--executor", "ray", "--workers", "2"]}
+CEILING_JOBS: dict[str, list[str]] = {"nf4": ["nf4"], "int4": ["int4", "--group-size", "128"]}
 SIZES_B = {"70B": 70e9, "405B": 405e9}  # parameters of the models the projection is for
 WORKER_COUNTS = (1, 8, 64)
 READ_GBPS = (1.0, 3.0, 10.0)  # per-node read bandwidths the projection considers (shared FS, NVMe, striped)
@@ -79,6 +87,74 @@ def run_job(job: str, executor: str, values: dict[str, str], work: Path, tag: st
     return res
 
 
+def ceiling_worker(argv: list[str]) -> int:
+    """Child of :func:`ceiling`: argv = BASE GO_FILE READY_FILE REPEATS METHOD [OPTIONS]. Runs the quantize task
+    of every weight of decoder layer 0 once untimed (page cache, allocator), signals READY, waits for GO, then
+    runs them REPEATS times and prints the seconds."""
+    import torch
+
+    from compress.formats import FORMATS
+    from compress.formats.inputs import open_model
+    from compress.pipeline.plan import make_plan
+    from compress.pipeline.quantize import entry_task
+    from compress.pipeline.tasks import ModelSource, TaskContext, run_task
+    from compress.quant import make_config
+
+    base, go, ready, repeats, method, *opts = argv
+    torch.set_num_threads(1)
+    group = int(opts[opts.index("--group-size") + 1]) if "--group-size" in opts else 128
+    config = make_config(method, group_size=group)
+    with open_model(base) as reader:
+        plan = make_plan(reader.infos(), method, config, FORMATS["bnb" if method == "nf4" else "gptq"])
+    tasks = [entry_task(e, plan) for e in plan.quantized if ".layers.0." in e.info.name]
+    ctx = TaskContext({"model": ModelSource(base)}, torch.device("cpu"))
+    for task in tasks:
+        run_task(task, ctx)
+    Path(ready).touch()
+    while not Path(go).exists():
+        time.sleep(0.005)
+    t0 = time.perf_counter()
+    for _ in range(int(repeats)):
+        for task in tasks:
+            run_task(task, ctx)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": int(repeats) * sum(t.nbytes for t in tasks)}))
+    return 0
+
+
+def ceiling_once(job: str, base: Path, work: Path, processes: int, repeats: int) -> float:
+    """Bytes per second of ``processes`` concurrent :func:`ceiling_worker` processes, summed."""
+    go, children = work / "ceiling-go", []
+    go.unlink(missing_ok=True)
+    for i in range(processes):
+        ready = work / f"ceiling-ready-{i}"
+        ready.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--ceiling-worker", str(base), str(go), str(ready), str(repeats),
+               *CEILING_JOBS[job]]
+        env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+        children.append((ready, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)))
+    while not all(ready.exists() for ready, _ in children):
+        time.sleep(0.01)
+    go.touch()
+    results = [json.loads(proc.communicate()[0]) for _, proc in children]
+    return sum(r["bytes"] / r["seconds"] for r in results)
+
+
+def ceiling(jobs: list[str], base: Path, work: Path, rounds: int, repeats: int = 3) -> dict[str, Any]:
+    """Per job: the task throughput of one process alone and of two at once (alternating, ``rounds`` times
+    each), and their ratio: the most two workers can reach on this machine, executor or not."""
+    out: dict[str, Any] = {}
+    for job in [j for j in jobs if j in CEILING_JOBS]:
+        one, two = [], []
+        for rnd in range(rounds):
+            benchlib.log(f"ceiling round {rnd + 1}: {job}")
+            one.append(ceiling_once(job, base, work, 1, repeats))
+            two.append(ceiling_once(job, base, work, 2, repeats))
+        ratios = [b / a for a, b in zip(one, two, strict=True)]
+        out[job] = {"one_process_bytes_per_s": one, "two_processes_bytes_per_s": two, "ratios": ratios,
+                    "ratio_median": median(ratios)}
+    return out
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -90,6 +166,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--work", type=Path, default=Path("/tmp/compress-bench-scale"))
     parser.add_argument("--report", type=Path, default=REPO / "reports" / "bench_scale")
+    parser.add_argument("--ceiling-rounds", type=int, default=3)
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="measure only the two-process ceiling and add it to the existing report")
+    if sys.argv[1:2] == ["--ceiling-worker"]:
+        return ceiling_worker(sys.argv[2:])
     args = parser.parse_args()
     jobs = args.jobs.split(",")
     started = time.time()
@@ -103,6 +184,15 @@ def main() -> int:
         build_llama(base, layers=args.layers)
         build_llama(tuned, layers=args.layers, perturb_of=base)
         marker.touch()
+    if args.ceiling_only:
+        data = json.loads(args.report.with_suffix(".json").read_text())
+        data["ceiling"] = ceiling(jobs, base, args.work, args.ceiling_rounds)
+        data["ceiling_command"] = "python scripts/bench_scale.py " + shlex.join(sys.argv[1:])
+        data["ceiling_machine"] = info
+        args.report.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        args.report.with_suffix(".md").write_text(markdown(data, list(data["summary"])))
+        print(args.report.with_suffix(".md").read_text())
+        return 0
     params = decoder_params(base)
     values = {"base": str(base), "tuned": str(tuned)}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {j: {e: [] for e in EXECUTORS} for j in jobs}
@@ -138,6 +228,7 @@ def main() -> int:
         summary[job] = entry
     projection = project(summary, jobs)
     data = {"command": "python scripts/bench_scale.py " + shlex.join(sys.argv[1:]), "machine": info,
+            "ceiling": ceiling(jobs, base, args.work, args.ceiling_rounds),
             "checkpoint": {"layers": args.layers, "decoder_params": params, "dtype": "float16",
                            "decoder_bytes": 2 * params}, "rounds": args.rounds, "runs": runs, "summary": summary,
             "projection": projection, "seconds": round(time.time() - started)}
@@ -200,6 +291,7 @@ def markdown(data: dict[str, Any], jobs: list[str]) -> str:
                          f"{e['task_phase_s']:.1f} | {e['steady_bytes_per_s'] / 1e6:.0f} | "
                          f"{e['steady_speedup_median']:.2f}x | {e['peak_tree_pss_bytes'] / gib:.2f} GiB | "
                          f"{e['max_processes']} | {'yes' if e['identical_to_serial'] else '**no**'} |")
+    lines += ceiling_markdown(data)
     lines += ["", "## What this implies for 70B and 405B checkpoints (on paper)", "",
               "From the measured steady rate per worker process with 2 workers (decoder parameters per second; "
               "the per-tensor work is independent, so N workers on N cores scale it N-fold until something shared "
@@ -218,6 +310,30 @@ def markdown(data: dict[str, Any], jobs: list[str]) -> str:
             reads = " / ".join(f"{v:.2f}" for v in row["read_hours"].values())
             lines.append(f"| {job} | {key} | {row['compute_hours']:.2f} | {reads} |")
     return "\n".join(lines) + "\n"
+
+
+def ceiling_markdown(data: dict[str, Any]) -> list[str]:
+    """The ceiling section, set beside the executors' own throughput speed-ups."""
+    if not data.get("ceiling"):
+        return []
+    lines = ["", "## The ceiling: what two processes get from this machine", ""]
+    if data.get("ceiling_command"):
+        lines += [f"Measured later by `{data['ceiling_command']}` on {data['ceiling_machine']['date']} (load average "
+                  f"at start {data['ceiling_machine']['loadavg_start']}).", ""]
+    lines += ["The quantize task of every weight of decoder layer 0 (read from the page cache, quantize, measure the "
+              "error, pack; the same `QuantizeWeight.run` the executors call, one torch thread), run 3 times by one "
+              "process alone and then by two processes at once, with no executor and nothing written. The ratio is "
+              "the most any two-worker executor can reach on these 2 shared cores; the executors' own ratio "
+              "(throughput speed-up above) also pays for the parent writing the results.", "",
+              "| job | one process MB/s | two processes MB/s | ceiling (median of rounds) | rounds | "
+              "workers2 throughput speed-up | share of the ceiling |", "|---|---:|---:|---:|---|---:|---:|"]
+    for job, c in data["ceiling"].items():
+        reached = data["summary"].get(job, {}).get("workers2", {}).get("steady_speedup_median")
+        lines.append(f"| {job} | {median(c['one_process_bytes_per_s']) / 1e6:.0f} | "
+                     f"{median(c['two_processes_bytes_per_s']) / 1e6:.0f} | {c['ratio_median']:.2f}x | "
+                     f"{', '.join(f'{r:.2f}' for r in c['ratios'])} | "
+                     + (f"{reached:.2f}x | {reached / c['ratio_median']:.0%} |" if reached else "— | — |"))
+    return lines
 
 
 if __name__ == "__main__":
