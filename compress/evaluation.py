@@ -3,6 +3,17 @@
 - Causal LMs: perplexity on a text in windows of ``window`` tokens moved by ``stride`` (default:
   non-overlapping). With an overlap, only the tokens past the overlap are scored, each with the
   full window of context before it (the "sliding window" evaluation of the transformers docs).
+  Each model after the first is also compared with the first on the same scored tokens, as
+  llama.cpp's ``llama-perplexity --kl-divergence`` does (tools/perplexity/perplexity.cpp): per token
+  KL(P_first || P_model) = sum_v p_first(v) (log p_first(v) - log p_model(v)) over the vocabulary
+  (``log_softmax(..., kl_divergence_result &)``), reported as mean ± standard error
+  (``mean_and_uncertainty``: sqrt((mean(x^2) - mean^2) / (n - 1)), 0 up to 10 tokens), median (mean of
+  the two middle values), 99th percentile (``percentile``: linear interpolation at 0.99 (n - 1)) and
+  maximum; and top-1 agreement, llama.cpp's "Same top p": the share of tokens whose argmax next token is
+  the first model's, with sqrt(p (1 - p) / (n - 1)). Unlike llama.cpp, which stores the base model's
+  log-probs as 16-bit integers and drops those below -16, the log-probs here are exact (float64
+  log-softmax of the float32 logits); and the tokens are this evaluation's windows, not the second half
+  of BOS-prefixed chunks. See :func:`evaluate` for how memory stays bounded.
 - Encoders: mean-pooled sentence embeddings of fixed real sentences, cosine against the first model.
 
 Models are loaded through the real engine loader where one applies and is installed
@@ -14,6 +25,7 @@ Language Reference prose that ships with CPython (``pydoc_data/topics.py``), so 
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
 import tempfile
@@ -196,34 +208,157 @@ def block_logits(model: Any, blocks: torch.Tensor, batch: int = 4) -> torch.Tens
     return torch.cat([model(input_ids=blocks[i:i + batch]).logits.float() for i in range(0, blocks.shape[0], batch)])
 
 
-def perplexity(model: Any, ids: torch.Tensor, *, window: int, stride: int,
-               progress: Callable[[int], None] | None = None) -> tuple[float, int]:
-    """exp(mean NLL) of ids [n] under a causal LM; returns (perplexity, tokens scored)."""
-    n = ids.numel()
-    nll, scored = 0.0, 0
+@dataclass(frozen=True)
+class Window:
+    """One forward pass of the perplexity evaluation: tokens ``ids[begin:end]``, of which the last ``count``
+    are scored (predicted by the logits at positions ``end - count - 1 .. end - 2`` of the window)."""
+
+    index: int
+    begin: int
+    end: int
+    count: int
+
+
+def windows(n: int, *, window: int, stride: int) -> list[Window]:
+    """The windows over ``n`` tokens moved by ``stride``; each scores the tokens no earlier window scored."""
+    out: list[Window] = []
     prev_end = 0
-    engine = isinstance(model, LlamaCppLM)
-    device = torch.device("cpu") if engine else next(model.parameters()).device
     for begin in range(0, n - 1, stride):
         end = min(begin + window, n)
-        chunk = ids[begin:end].to(device)
-        new = end - prev_end  # tokens not scored by an earlier window
-        if engine:
-            logits = model.window_logits(chunk)
-        else:
-            with torch.no_grad():
-                logits = model(chunk[None]).logits[0].float()
-        targets = chunk[1:]
-        losses = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="none")
-        count = min(new, losses.numel())
-        nll += float(losses[-count:].double().sum())
-        scored += count
+        out.append(Window(len(out), begin, end, min(end - prev_end, end - begin - 1)))
         prev_end = end
-        if progress:
-            progress(end - begin)
         if end == n:
             break
+    return out
+
+
+def window_logits(model: Any, chunk: torch.Tensor) -> torch.Tensor:
+    """float32 logits [len, vocab] of a causal LM (transformers model or :class:`LlamaCppLM`) on ``chunk``."""
+    if isinstance(model, LlamaCppLM):
+        return model.window_logits(chunk.cpu())
+    with torch.no_grad():
+        return model(chunk.to(next(model.parameters()).device)[None]).logits[0].float()
+
+
+def window_nll(logits: torch.Tensor, chunk: torch.Tensor, count: int) -> float:
+    """Summed next-token NLL (nats, float64) of the last ``count`` tokens of ``chunk`` under its ``logits``."""
+    losses = torch.nn.functional.cross_entropy(logits[:-1], chunk[1:].to(logits.device), reduction="none")
+    return float(losses[-count:].double().sum())
+
+
+def scored_rows(logits: torch.Tensor, w: Window) -> torch.Tensor:
+    """The rows of a window's ``logits`` that predict its scored tokens [count, vocab]."""
+    return logits[-w.count - 1:-1]
+
+
+def perplexity(model: Any, ids: torch.Tensor, *, window: int, stride: int,
+               progress: Callable[[int], None] | None = None,
+               on_window: Callable[[Window, torch.Tensor], None] | None = None) -> tuple[float, int]:
+    """exp(mean NLL) of ids [n] under a causal LM; returns (perplexity, tokens scored). ``on_window(w, logits)``
+    sees each window's float32 logits after it is scored."""
+    nll, scored = 0.0, 0
+    for w in windows(ids.numel(), window=window, stride=stride):
+        chunk = ids[w.begin:w.end]
+        logits = window_logits(model, chunk)
+        nll += window_nll(logits, chunk, w.count)
+        scored += w.count
+        if on_window is not None:
+            on_window(w, logits)
+        if progress:
+            progress(w.end - w.begin)
     return math.exp(nll / scored), scored
+
+
+# --- KL divergence against the first model (llama.cpp's `llama-perplexity --kl-divergence`) ----------------
+
+
+def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of logits [n, vocab]: KL(P_ref || P) = sum_v p_ref (log p_ref - log p) in nats (float64 log-softmax,
+    ``rows`` rows at a time), and whether both distributions have the same most likely token (first on ties)."""
+    kls = []
+    for i in range(0, logits.shape[0], rows):
+        log_p = torch.log_softmax(ref_logits[i:i + rows].double(), dim=-1)
+        log_q = torch.log_softmax(logits[i:i + rows].double(), dim=-1)
+        terms = log_p.exp() * (log_p - log_q)
+        kls.append(torch.where(torch.isneginf(log_p), 0.0, terms).sum(-1))  # 0 log 0 = 0
+    same = ref_logits.argmax(-1) == logits.argmax(-1)
+    return torch.cat(kls).cpu(), same.cpu()
+
+
+def percentile(values: torch.Tensor, fraction: float) -> float:
+    """llama.cpp's ``percentile``: linear interpolation between the sorted values at ``fraction * (n - 1)``."""
+    v = values.sort().values
+    p = fraction * (v.numel() - 1)
+    i = min(int(p), v.numel() - 1)
+    j = min(i + 1, v.numel() - 1)
+    return float((1 - (p - i)) * v[i] + (p - i) * v[j])
+
+
+def kl_summary(kl: torch.Tensor, same_top: torch.Tensor) -> dict[str, float]:
+    """The statistics of ``llama-perplexity --kl-divergence`` over per-token KLs ``kl`` [n] and top-1 matches."""
+    n = kl.numel()
+    mean = float(kl.mean())
+    var = float(((kl - mean) ** 2).mean())  # llama.cpp: sum2/n - mean^2, the uncertainty 0 up to 10 values
+    agree = float(same_top.double().mean())
+    return {"kl_mean": mean, "kl_mean_se": math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0,
+            "kl_median": percentile(kl, 0.5), "kl_p99": percentile(kl, 0.99), "kl_max": float(kl.max()),
+            "top1_agreement": agree,
+            "top1_agreement_se": math.sqrt(agree * (1 - agree) / (n - 1)) if n > 1 else 0.0}
+
+
+class ReferenceLogits:
+    """The first model's logits at the scored positions of each window, for the KL divergence of the others.
+
+    Kept in memory (float32, on the CPU) window by window while they fit in ``budget`` bytes, as the first
+    model is scored; the windows past the budget are recomputed by the first model when asked for, so it stays
+    loaded only when some window was not kept (:attr:`complete` false). Memory is thus bounded by the budget
+    plus one window's logits, whatever the number of tokens."""
+
+    def __init__(self, model: Any, budget: int) -> None:
+        self.model: Any = model
+        self.budget = budget
+        self.kept: dict[int, torch.Tensor] = {}
+        self.used = 0
+        self.complete = True
+
+    def offer(self, w: Window, logits: torch.Tensor) -> None:
+        rows = scored_rows(logits, w)
+        size = rows.numel() * rows.element_size()
+        if self.complete and self.used + size <= self.budget:
+            self.kept[w.index] = rows.cpu().clone()
+            self.used += size
+        else:
+            self.complete = False
+
+    def release_model_if_unneeded(self) -> None:
+        if self.complete:
+            self.model = None
+
+    def get(self, w: Window, ids: torch.Tensor) -> torch.Tensor:
+        if w.index in self.kept:
+            return self.kept[w.index]
+        return scored_rows(window_logits(self.model, ids[w.begin:w.end]), w)
+
+
+def perplexity_and_kl(model: Any, ids: torch.Tensor, reference: ReferenceLogits, *, window: int, stride: int,
+                      progress: Callable[[int], None] | None = None, where: str | None = None) -> dict[str, Any]:
+    """:func:`perplexity` of ``model`` (the same windows and numbers) and, over the same scored tokens, the
+    KL divergence from the first model's next-token distributions and the top-1 agreement (:func:`kl_summary`).
+    Raises InputError (about ``where``) when the vocabulary sizes differ."""
+    kls: list[torch.Tensor] = []
+    same: list[torch.Tensor] = []
+
+    def compare(w: Window, logits: torch.Tensor) -> None:
+        ref = reference.get(w, ids).to(logits.device)
+        if ref.shape[-1] != logits.shape[-1]:
+            raise InputError(f"its vocabulary has {logits.shape[-1]} tokens, the first model's {ref.shape[-1]}: "
+                             "no KL divergence between them", where=where, fix="Compare models of one vocabulary.")
+        kl, top = token_kl(ref, scored_rows(logits, w))
+        kls.append(kl)
+        same.append(top)
+
+    ppl, scored = perplexity(model, ids, window=window, stride=stride, progress=progress, on_window=compare)
+    return {"perplexity": ppl, "tokens": scored, **kl_summary(torch.cat(kls), torch.cat(same))}
 
 
 def sentence_embeddings(model: Any, tokenizer: Any, sentences: list[str]) -> torch.Tensor:
@@ -248,6 +383,7 @@ class EvalRequest:
     embeddings: bool = False
     out: Path | None = None
     force: bool = False
+    reference_cache_bytes: int = 512 * 2**20  # the first model's scored logits kept for the KL divergence
 
     def check(self) -> None:
         stride = self.stride or self.window
@@ -271,55 +407,112 @@ class EvalRequest:
 
 
 def evaluate(request: EvalRequest, run: Any) -> dict[str, Any]:
-    """Load each model in turn (one at a time), score it, and return the results (written to ``request.out``
-    too, when given). ``run``: a :class:`~compress.pipeline.run.RunOptions` (device, progress)."""
-    import gc
+    """Load each model in turn, score it, and return the results (written to ``request.out`` too, when given).
+    ``run``: a :class:`~compress.pipeline.run.RunOptions` (device, progress).
 
-    transformers = require_transformers()
+    The result: ``metric`` ("perplexity" or "mean_cosine"), ``window``, ``stride``, ``tokens`` (asked for),
+    ``text``, and ``models``, one row per model: ``model``, ``loader``, ``size_bytes``, the metric, ``delta`` and
+    ``delta_pct`` (against the first model); with perplexity ``tokens`` (scored), with embeddings ``min_cosine``
+    and ``sentences``. With perplexity the rows after the first also carry, over the same scored tokens, the KL
+    divergence KL(P_first || P_model) of the next-token distributions (nats): ``kl_mean``, ``kl_mean_se`` (its
+    standard error), ``kl_median``, ``kl_p99``, ``kl_max``; and ``top1_agreement`` (the share of tokens whose
+    most likely next token is the first model's) with ``top1_agreement_se`` (see :func:`kl_summary`).
+
+    Memory: the first model's logits at the scored positions are kept while they fit
+    ``request.reference_cache_bytes`` (:class:`ReferenceLogits`); past that, the first model stays loaded and
+    recomputes the other windows while each later model is scored window by window beside it. So the peak is
+    the models (one, or two when the cache is not enough) plus the cache and about one window's logits of each,
+    independent of the number of tokens; only one KL value per scored token is kept (for the median and p99).
+    """
     request.check()
-    stride = request.stride or request.window
-    text = request.read_text()
     keep: list[Any] = []
     rows: list[dict[str, Any]] = []
-    tokenizer = None
-    reference: Any = None
+    state = _EvalState(request)
     for path in request.models:
         loaded = load_model(path, encoder=request.embeddings, device=run.device, keep=keep)
-        if tokenizer is None and loaded.tokenizer_dir is not None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
-        if tokenizer is None:
-            raise InputError("no tokenizer found", where=str(path),
-                             fix="List first a model whose folder (or GGUF) carries its tokenizer.")
         row: dict[str, Any] = {"model": str(path), "loader": loaded.how, "size_bytes": loaded.size_bytes}
-        if request.embeddings:
-            sentences = default_sentences()
-            emb = sentence_embeddings(loaded.model, tokenizer, sentences)
-            if reference is None:
-                reference = emb
-            cos = torch.nn.functional.cosine_similarity(emb, reference, dim=-1)
-            row.update(mean_cosine=float(cos.mean()), min_cosine=float(cos.min()), sentences=len(sentences))
-        else:
-            ids = torch.tensor(tokenizer(text)["input_ids"][:request.tokens])
-            if ids.numel() < 2:
-                raise InputError("the text has fewer than 2 tokens", where=str(request.text or "default text"),
-                                 fix="Give a longer text.")
-            run.start(path.name, ids.numel(), 1)
-            ppl, scored = perplexity(loaded.model, ids, window=request.window, stride=stride,
-                                     progress=lambda n, name=path.name: run.advance(name, n))
-            row.update(perplexity=ppl, tokens=scored)
+        row.update(state.score(path, loaded, run))
         rows.append(row)
         del loaded
         gc.collect()
+    return _finish(request, rows, run)
+
+
+class _EvalState:
+    """What `evaluate` carries from the first model to the others: tokenizer, token ids, reference outputs."""
+
+    def __init__(self, request: EvalRequest) -> None:
+        self.request = request
+        self.text = request.read_text()  # before any model is loaded: a bad --text fails at once
+        self.tokenizer: Any = None
+        self.ids: torch.Tensor | None = None
+        self.reference: Any = None  # first model's embeddings [n, dim], or its ReferenceLogits
+
+    def score(self, path: Path, loaded: LoadedModel, run: Any) -> dict[str, Any]:
+        if self.tokenizer is None and loaded.tokenizer_dir is not None:
+            self.tokenizer = require_transformers().AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
+        if self.tokenizer is None:
+            raise InputError("no tokenizer found", where=str(path),
+                             fix="List first a model whose folder (or GGUF) carries its tokenizer.")
+        if self.request.embeddings:
+            return self._embeddings(loaded.model)
+        return self._perplexity(path, loaded.model, run)
+
+    def _embeddings(self, model: Any) -> dict[str, Any]:
+        sentences = default_sentences()
+        emb = sentence_embeddings(model, self.tokenizer, sentences)
+        if self.reference is None:
+            self.reference = emb
+        cos = torch.nn.functional.cosine_similarity(emb, self.reference, dim=-1)
+        return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "sentences": len(sentences)}
+
+    def _perplexity(self, path: Path, model: Any, run: Any) -> dict[str, Any]:
+        request = self.request
+        if self.ids is None:
+            self.ids = self._token_ids()
+        ids = self.ids
+        run.start(path.name, ids.numel(), 1)
+        sizes = {"window": request.window, "stride": request.stride or request.window,
+                 "progress": lambda n, name=path.name: run.advance(name, n)}
+        if self.reference is not None:
+            return perplexity_and_kl(model, ids, self.reference, where=str(path), **sizes)
+        self.reference = ReferenceLogits(model, request.reference_cache_bytes)
+        ppl, scored = perplexity(model, ids, on_window=self.reference.offer, **sizes)
+        self.reference.release_model_if_unneeded()
+        return {"perplexity": ppl, "tokens": scored}
+
+    def _token_ids(self) -> torch.Tensor:
+        ids = torch.tensor(self.tokenizer(self.text)["input_ids"][:self.request.tokens])
+        if ids.numel() < 2:
+            raise InputError("the text has fewer than 2 tokens", where=str(self.request.text or "default text"),
+                             fix="Give a longer text.")
+        return ids
+
+
+def _finish(request: EvalRequest, rows: list[dict[str, Any]], run: Any) -> dict[str, Any]:
+    """Deltas against the first model, the result dict, and the report folder when asked for."""
     metric = "mean_cosine" if request.embeddings else "perplexity"
     for row in rows:
         row["delta"] = row[metric] - rows[0][metric]
         row["delta_pct"] = 100 * row["delta"] / rows[0][metric] if rows[0][metric] else 0.0
-    result = {"metric": metric, "window": request.window, "stride": stride, "tokens": request.tokens,
+    result = {"metric": metric, "window": request.window, "stride": request.stride or request.window,
+              "tokens": request.tokens,
               "text": str(request.text) if request.text else "pydoc_data/topics.py (Python Language Reference)",
               "models": rows}
     if request.out is not None:
         _write_eval_report(request, result, run)
     return result
+
+
+KL_COLUMNS = ["KL mean", "KL median", "KL p99", "KL max", "top-1"]
+
+
+def _kl_cells(row: dict[str, Any]) -> list[str]:
+    """The KL and top-1 columns of the report for one row ("-" for the first model)."""
+    if "kl_mean" not in row:
+        return ["-"] * len(KL_COLUMNS)
+    return [f"{row['kl_mean']:.6f} ± {row['kl_mean_se']:.6f}", f"{row['kl_median']:.6f}", f"{row['kl_p99']:.6f}",
+            f"{row['kl_max']:.6f}", f"{100 * row['top1_agreement']:.2f}% ± {100 * row['top1_agreement_se']:.2f}%"]
 
 
 def _write_eval_report(request: EvalRequest, result: dict[str, Any], run: Any) -> None:
@@ -328,12 +521,20 @@ def _write_eval_report(request: EvalRequest, result: dict[str, Any], run: Any) -
 
     assert request.out is not None
     metric = result["metric"]
+    kl = metric == "perplexity"
+    head = ["model", "loader", "size", metric, "Δ vs first"] + (KL_COLUMNS if kl else [])
     lines = [f"# compress eval: {metric}", "", f"Text: {result['text']}; window {result['window']}, stride "
              f"{result['stride']}, up to {result['tokens']} tokens.", "",
-             f"| model | loader | size | {metric} | Δ vs first |", "|---|---|---|---|---|"]
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["models"]:
-        lines.append(f"| `{row['model']}` | {row['loader']} | {human_bytes(row['size_bytes'])} | {row[metric]:.4f} | "
-                     f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%) |")
+        cells = [f"`{row['model']}`", row["loader"], human_bytes(row["size_bytes"]), f"{row[metric]:.4f}",
+                 f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%)"] + (_kl_cells(row) if kl else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    if kl and len(result["models"]) > 1:
+        lines += ["", "KL: KL(P_first || P_model) of the next-token distributions in nats per scored token "
+                  "(mean ± standard error, median, 99th percentile, maximum); top-1: share of scored tokens whose "
+                  "most likely next token is the first model's (± standard error); the statistics of llama.cpp's "
+                  "`llama-perplexity --kl-divergence`."]
     with OutputFolder(request.out, force=request.force) as staging:
         write_json(staging.path / "report.json", json_safe(result))
         (staging.path / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -234,6 +234,25 @@ def evaluated(console: Console, data: dict[str, Any], *, as_json: bool, quiet: b
         table.add_row(row["model"], row["loader"], human_bytes(row["size_bytes"]), f"{row[metric]:.4f}",
                       f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%)")
     console.print(table)
+    compared = [row for row in data["models"] if "kl_mean" in row]
+    if compared:
+        _kl_table(console, data["models"][0]["model"], compared)
+
+
+def _kl_table(console: Console, first: str, rows: list[dict[str, Any]]) -> None:
+    """The eval display's second table: next-token distributions of the later models against the first's (a
+    table of its own: beside the perplexity columns it would not fit a terminal)."""
+    table = Table(title=f"next-token distributions against {first}")
+    table.add_column("model", overflow="fold", min_width=24)
+    for col in ("KL mean", "KL median", "KL p99", "top-1"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(row["model"], f"{row['kl_mean']:.5f} ± {row['kl_mean_se']:.5f}", f"{row['kl_median']:.5f}",
+                      f"{row['kl_p99']:.5f}", f"{100 * row['top1_agreement']:.2f}%")
+    console.print(table)
+    console.print(f"KL(P_first ‖ P_model) in nats per scored token ({rows[0]['tokens']}): mean ± standard error, "
+                  "median, 99th percentile; top-1: share of those tokens whose most likely next token is the first "
+                  "model's.")
 
 
 def methods(console: Console) -> None:
