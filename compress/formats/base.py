@@ -36,6 +36,9 @@ class WeightFormat(ExportFormat, ABC):
     """A registered layout for quantized Linear weights inside a Hugging Face checkpoint folder."""
 
     container = "folder"
+    # Whether the layout stores a float offset per group (W' = s q + m) instead of an integer zero point:
+    # the grid optimiser may then choose any offset.
+    float_offsets = False
 
     def adapt_config(self, config: Any, dtype: torch.dtype) -> Any:
         """The method config this layout needs for a model whose weights are ``dtype`` (e.g. scales

@@ -55,6 +55,7 @@ class NativeFormat(WeightFormat):
                "`compress dequantize`, no engine loads it directly)")
     methods = ("int4",)
     parts = PARTS
+    float_offsets = True
 
     def unsupported(self, shape: tuple[int, ...], config: Any) -> str | None:
         if len(shape) != 2:

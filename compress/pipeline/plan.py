@@ -18,6 +18,7 @@ from compress.errors import InputError, OptionError
 from compress.formats.base import WeightFormat, module_name
 from compress.formats.checkpoint import TensorInfo
 from compress.formats.writer import TensorSpec
+from compress.quant import METHODS
 
 QUANTIZABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -69,6 +70,7 @@ class Plan:
     config: Any
     format: WeightFormat
     entries: list[TensorPlan] = field(default_factory=list)
+    algorithm: str = "rtn"  # how quantized tensors choose their grid (compress.quant.ALGORITHMS)
 
     @property
     def quantized(self) -> list[TensorPlan]:
@@ -111,8 +113,15 @@ def compile_regex(pattern: str | None, option: str) -> re.Pattern[str] | None:
                           fix="Quote the pattern and check its syntax.") from e
 
 
+def check_algorithm(method: str, algorithm: str) -> None:
+    """OptionError unless ``method`` offers ``algorithm``."""
+    if algorithm not in METHODS[method].algorithms:
+        raise OptionError(f"--algorithm {algorithm} is not available for --method {method}",
+                          fix=f"{method} offers: {', '.join(METHODS[method].algorithms)}.")
+
+
 def make_plan(infos: list[TensorInfo], method: str, config: Any, fmt: WeightFormat, *,
-              include: str | None = None, exclude: str | None = None) -> Plan:
+              include: str | None = None, exclude: str | None = None, algorithm: str = "rtn") -> Plan:
     """Decide each tensor's fate. ``include``/``exclude`` are regexes searched in tensor names:
     include adds 2-D float weights to the default selection, exclude removes tensors from it."""
     include_re = compile_regex(include, "--include")
@@ -120,7 +129,8 @@ def make_plan(infos: list[TensorInfo], method: str, config: Any, fmt: WeightForm
     # The layout may tie the config to the model dtype (the most common dtype of its 2-D float weights).
     dtypes = Counter(i.dtype for i in infos if i.dtype in QUANTIZABLE_DTYPES and len(i.shape) == 2)
     config = fmt.adapt_config(config, dtypes.most_common(1)[0][0] if dtypes else torch.float32)
-    plan = Plan(method=method, config=config, format=fmt)
+    check_algorithm(method, algorithm)
+    plan = Plan(method=method, config=config, format=fmt, algorithm=algorithm)
     for info in infos:
         chosen, reason = default_choice(info)
         if (include_re is not None and include_re.search(info.name) and not chosen

@@ -23,12 +23,14 @@ from compress.formats.output import check_output, write_json
 from compress.formats.quantized import DequantizingReader, model_dtype
 from compress.formats.sink import encode
 from compress.formats.writer import FolderSink, write_model_files
+from compress.metrics import ErrorMetrics
 from compress.pipeline.execute import execute
 from compress.pipeline.plan import Plan, TensorPlan, make_plan
 from compress.pipeline.report import KeptRow, QuantizeReport, TensorRow
 from compress.pipeline.run import RunOptions, json_safe, write_provenance
 from compress.pipeline.tasks import CopyTensor, ModelSource, Task, TaskContext, TaskResult
 from compress.quant import METHODS, config_to_dict, describe_config
+from compress.quant.base import QuantizedTensor
 from compress.quant.int4 import Int4Config
 from compress.quant.nf4 import NF4Config
 
@@ -52,16 +54,40 @@ class QuantizeWeight(Task):
     config: Any
     layout: str
     outputs: tuple[str, ...]
+    algorithm: str = "rtn"
 
     def run(self, ctx: TaskContext) -> TaskResult:
         W = ctx.read(self.source, self.name, shape=self.shape, dtype=self.dtype).to(ctx.device)
-        qt = METHODS[self.method].quantize(W, self.config)  # garbage in, garbage out: checked just below
-        metrics = qt.error_against(W)
+        qt, metrics, rtn, used = quantize_weight(W, self.method, self.config, self.algorithm,
+                                                 float_offset=FORMATS[self.layout].float_offsets)  # type: ignore[attr-defined]
         if not metrics.reference_finite:  # the error sums double as the finiteness check of W
             raise non_finite(W, self.name, self.where)
         packed = FORMATS[self.layout].pack(self.name, qt.to("cpu"))  # type: ignore[attr-defined]
-        row = TensorRow(self.name, self.shape, dtype_name(self.dtype), qt.bits_per_weight, metrics)
+        row = TensorRow(self.name, self.shape, dtype_name(self.dtype), qt.bits_per_weight, metrics, rtn=rtn,
+                        algorithm=used)
         return TaskResult([(n, encode(packed[n])) for n in self.outputs], [row])
+
+
+Quantized = tuple[QuantizedTensor, ErrorMetrics, ErrorMetrics | None, str]
+
+
+def quantize_weight(W: torch.Tensor, method: str, config: Any, algorithm: str, *,
+                    importance: torch.Tensor | None = None, float_offset: bool = False) -> Quantized:
+    """W quantized with ``algorithm``: (the tensor to write, its error, RTN's error or None, the algorithm written).
+
+    With ``optimize`` RTN runs too and the better of the two on the weight error is written (the optimiser is
+    never worse per group, but double-quantized NF4 statistics can tip a tensor either way)."""
+    entry = METHODS[method]
+    qt = entry.quantize(W, config)  # garbage in, garbage out: the caller checks metrics.reference_finite
+    metrics = qt.error_against(W)
+    if algorithm == "rtn" or not metrics.reference_finite:
+        return qt, metrics, None, "rtn"
+    assert entry.optimize is not None
+    best = entry.optimize(W, config, importance=importance, float_offset=float_offset)
+    best_metrics = best.error_against(W)
+    if best_metrics.rel_fro <= metrics.rel_fro:
+        return best, best_metrics, metrics, algorithm
+    return qt, metrics, metrics, "rtn"
 
 
 def entry_task(entry: TensorPlan, plan: Plan, source: str = "model") -> Task:
@@ -69,9 +95,15 @@ def entry_task(entry: TensorPlan, plan: Plan, source: str = "model") -> Task:
     info = entry.info
     if entry.quantize:
         return QuantizeWeight(info.name, info.nbytes, source, info.shape, info.dtype, str(info.file), plan.method,
-                              plan.config, plan.format.name, tuple(s.name for s in entry.outputs))
+                              plan.config, plan.format.name, tuple(s.name for s in entry.outputs), plan.algorithm)
     return CopyTensor(info.name, info.nbytes, source, info.shape, info.dtype,
                       row=KeptRow(info.name, info.shape, dtype_name(info.dtype), entry.reason))
+
+
+def algorithm_parameters(plan: Plan) -> dict[str, Any]:
+    """The method's parameters, with the algorithm when it is not plain rtn (rtn reports stay as they were)."""
+    params = config_to_dict(plan.config)
+    return params if plan.algorithm == "rtn" else {**params, "algorithm": plan.algorithm}
 
 
 def plan_notes(plan: Plan) -> list[str]:
@@ -152,11 +184,12 @@ class QuantizeRequest:
     exclude: str | None = None
     shard_bytes: int = 5_000_000_000
     force: bool = False
+    algorithm: str = "rtn"
 
 
 def plan_quantize(reader: CheckpointReader, request: QuantizeRequest) -> Plan:
     return make_plan(reader.infos(), request.method, request.config, FORMATS[request.layout],  # type: ignore[arg-type]
-                     include=request.include, exclude=request.exclude)
+                     include=request.include, exclude=request.exclude, algorithm=request.algorithm)
 
 
 def dry_run_quantize(request: QuantizeRequest) -> Plan:
@@ -174,7 +207,7 @@ def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport
         if not plan.quantized:
             raise OptionError("no tensor is selected for quantization",
                               fix="Check --include/--exclude, or run with --dry-run to see why each tensor is kept.")
-        report = QuantizeReport(method=plan.method, parameters=config_to_dict(plan.config), format=plan.format.name,
+        report = QuantizeReport(method=plan.method, parameters=algorithm_parameters(plan), format=plan.format.name,
                                 bytes_before=plan.input_bytes, bytes_after=plan.output_bytes, notes=plan_notes(plan))
         tasks = [entry_task(e, plan) for e in plan.entries]
         run.start(f"{plan.method} ({describe_config(plan.config)})", plan.input_bytes, len(tasks))
@@ -185,7 +218,7 @@ def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport
             write_quantized_files(sink.folder, plan, reader, report)
             write_report(sink.folder, report)
             write_provenance(sink.folder / "compress_provenance.json", run, "quantize", request.model, out,
-                             {"method": request.method, "parameters": config_to_dict(plan.config),
+                             {"method": request.method, "parameters": algorithm_parameters(plan),
                               "format": request.layout, "include": request.include, "exclude": request.exclude,
                               "shard_size": request.shard_bytes, "execution": stats.as_dict()})
             sink.commit()

@@ -21,14 +21,26 @@ class TensorRow:
     bits_per_weight: float
     metrics: ErrorMetrics
     note: str = ""
+    # With an algorithm other than rtn: RTN's error on the same tensor, and the algorithm whose result was
+    # written ("rtn" where RTN's grid was better on the tensor).
+    rtn: ErrorMetrics | None = None
+    algorithm: str = ""
+    # With calibration: ||X W^T - X W'^T|| / ||X W^T|| on the calibration inputs, of what was written and of RTN.
+    output_error: float | None = None
+    rtn_output_error: float | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     def as_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.rtn is not None:
+            extra = {"algorithm": self.algorithm, "rtn_rel_fro": self.rtn.rel_fro, "rtn_sqnr_db": self.rtn.sqnr_db}
+        if self.output_error is not None:
+            extra.update(output_error=self.output_error, rtn_output_error=self.rtn_output_error)
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                "bits_per_weight": self.bits_per_weight, **self.metrics.as_dict(),
+                "bits_per_weight": self.bits_per_weight, **self.metrics.as_dict(), **extra,
                 **({"note": self.note} if self.note else {})}
 
 
@@ -106,7 +118,26 @@ class QuantizeReport:
             "min_sqnr_db": min((r.metrics.sqnr_db for r in self.quantized), default=0.0),
             "min_cosine": min((r.metrics.cosine for r in self.quantized), default=1.0),
             "kept_by_reason": kept_by_reason,
+            **self.algorithm_totals(),
         }
+
+    def algorithm_totals(self) -> dict[str, Any]:
+        """RTN's error beside the algorithm's, when one other than rtn ran (empty otherwise)."""
+        compared = [r for r in self.quantized if r.rtn is not None]
+        if not compared:
+            return {}
+        n = sum(r.numel for r in compared)
+        out = {"rtn_rms_rel_fro": math.sqrt(sum(r.rtn.rel_fro**2 * r.numel for r in compared) / n),  # type: ignore[union-attr]
+               "tensors_kept_rtn": sum(r.algorithm == "rtn" for r in compared),
+               "tensors_by_algorithm": {a: sum(r.algorithm == a for r in compared)
+                                        for a in sorted({r.algorithm for r in compared})}}
+        calibrated = [r for r in compared if r.output_error is not None]
+        if calibrated:
+            m = sum(r.numel for r in calibrated)
+            out["rms_output_error"] = math.sqrt(sum(r.output_error**2 * r.numel for r in calibrated) / m)  # type: ignore[operator]
+            out["rtn_rms_output_error"] = math.sqrt(sum(r.rtn_output_error**2 * r.numel  # type: ignore[operator]
+                                                        for r in calibrated) / m)
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -138,21 +169,40 @@ class QuantizeReport:
             f"| RMS relative Frobenius error | {t['rms_rel_fro']:.4f} |",
             f"| worst relative Frobenius error | {t['worst_rel_fro']:.4f} (`{t['worst_tensor']}`) |",
             f"| lowest SQNR / cosine | {t['min_sqnr_db']:.2f} dB / {t['min_cosine']:.5f} |",
+            *self._algorithm_lines(t),
             "",
         ]
         if self.notes:
             lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
+        compared = "rtn_rms_rel_fro" in t
+        calibrated = "rms_output_error" in t
         lines += ["## Quantized tensors (worst first)", "",
-                  "| tensor | shape | bits/w | rel. Frobenius | SQNR dB | max abs | cosine |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| tensor | shape | bits/w | rel. Frobenius | SQNR dB | max abs | cosine |"
+                  + (" RTN rel. Frobenius | written |" if compared else "")
+                  + (" output error | RTN output error |" if calibrated else ""),
+                  "|---|---|---|---|---|---|---|" + "---|---|" * (compared + calibrated)]
         for r in self.worst():
             m = r.metrics
             lines.append(f"| `{r.name}` | {list(r.shape)} | {r.bits_per_weight:.3f} | {m.rel_fro:.4f} | "
-                         f"{m.sqnr_db:.2f} | {m.max_abs:.4g} | {m.cosine:.5f} |")
+                         f"{m.sqnr_db:.2f} | {m.max_abs:.4g} | {m.cosine:.5f} |"
+                         + (f" {r.rtn.rel_fro:.4f} | {r.algorithm} |" if r.rtn is not None else "")
+                         + (f" {r.output_error:.4f} | {r.rtn_output_error:.4f} |" if r.output_error is not None
+                            else (" | |" if calibrated else "")))
         lines += ["", "## Kept tensors", "", "| reason | count |", "|---|---|"]
         for reason, count in t["kept_by_reason"].items():
             lines.append(f"| {reason} | {count} |")
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _algorithm_lines(t: dict[str, Any]) -> list[str]:
+        if "rtn_rms_rel_fro" not in t:
+            return []
+        lines = [f"| RMS relative Frobenius error of RTN on the same tensors | {t['rtn_rms_rel_fro']:.4f} |",
+                 f"| tensors written by each algorithm | {t['tensors_by_algorithm']} |"]
+        if "rms_output_error" in t:
+            lines.append(f"| RMS relative output error on the calibration inputs, written / RTN | "
+                         f"{t['rms_output_error']:.4f} / {t['rtn_rms_output_error']:.4f} |")
+        return lines
 
     def rich_tables(self, limit: int = 15) -> list[Any]:
         from rich.table import Table
@@ -178,6 +228,12 @@ class QuantizeReport:
         summary.add_row("size before → after", f"{human_bytes(t['bytes_before'])} → {human_bytes(t['bytes_after'])}"
                         f" ({t['compression_ratio']:.2f}x)")
         summary.add_row("RMS / worst rel. Frobenius", f"{t['rms_rel_fro']:.4f} / {t['worst_rel_fro']:.4f}")
+        if "rtn_rms_rel_fro" in t:
+            summary.add_row("RMS rel. Frobenius of RTN", f"{t['rtn_rms_rel_fro']:.4f}")
+            summary.add_row("tensors written by", ", ".join(f"{k} {v}" for k, v in t["tensors_by_algorithm"].items()))
+        if "rms_output_error" in t:
+            summary.add_row("RMS output error, written / RTN",
+                            f"{t['rms_output_error']:.4f} / {t['rtn_rms_output_error']:.4f}")
         for reason, count in t["kept_by_reason"].items():
             summary.add_row(f"kept: {reason}", str(count))
         return [rows, summary]

@@ -17,6 +17,18 @@ from compress.quant.ggml import GGMLConfig, GGMLTensor, quantize_ggml
 from compress.quant.ggml_types import FILE_TYPES, GGML_METHODS
 from compress.quant.int4 import AffineInt4Tensor, Int4Config, Int4Tensor, quantize_int4
 from compress.quant.nf4 import NF4Config, NF4Tensor, quantize_nf4
+from compress.quant.optimize import optimize_int4, optimize_nf4
+
+# --algorithm: how the grid is chosen. rtn: round to nearest on the grid of each group's extremes (the
+# reference libraries' bytes); optimize: each group's grid searched to minimise the weight error
+# (compress.quant.optimize), never worse than rtn tensor by tensor.
+ALGORITHMS = {
+    "rtn": "round to nearest on each group's min/max grid (today's bytes, identical to the reference libraries)",
+    "optimize": "calibration-free: each group's scale/zero (INT4) or absmax (NF4/FP4) searched to minimise the "
+                "weight error under the layout's constraints; never worse than rtn, tensor by tensor",
+    "gptq": "GPTQ from calibration activations (--calibration): the optimised grid fixed first, then the codes "
+            "rounded column by column with second-order error compensation, block by block through the model",
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,10 @@ class QuantMethod:
     quantize: Callable[[torch.Tensor, Any], QuantizedTensor]
     default_format: str
     reference: str
+    # optimize(W, config, importance=None, float_offset=False): the grid-searched variant (None: the method's own
+    # quantize function searches when given an importance, as llama.cpp's types do)
+    optimize: Callable[..., QuantizedTensor] | None = None
+    algorithms: tuple[str, ...] = ("rtn", "optimize", "gptq")
 
 
 METHODS: dict[str, QuantMethod] = {
@@ -39,6 +55,7 @@ METHODS: dict[str, QuantMethod] = {
         quantize=quantize_nf4,
         default_format="bnb",
         reference="https://arxiv.org/abs/2305.14314",
+        optimize=optimize_nf4,
     ),
     "fp4": QuantMethod(
         name="fp4",
@@ -47,6 +64,7 @@ METHODS: dict[str, QuantMethod] = {
         quantize=quantize_nf4,
         default_format="bnb",
         reference="https://arxiv.org/abs/2305.14314",
+        optimize=optimize_nf4,
     ),
     "int4": QuantMethod(
         name="int4",
@@ -56,13 +74,14 @@ METHODS: dict[str, QuantMethod] = {
         quantize=quantize_int4,
         default_format="gptq",
         reference="https://arxiv.org/abs/2210.17323",
+        optimize=optimize_int4,
     ),
 }
 # llama.cpp's file types, from their table; each GGUF file follows llama-quantize's per-tensor recipe (output at
 # 6 bits or more, fallbacks for rows that are not whole blocks) and is byte-identical to it.
 for _ft in FILE_TYPES.values():
     METHODS[_ft.name] = QuantMethod(name=_ft.name, summary=_ft.summary, config_cls=GGMLConfig, quantize=quantize_ggml,
-                                    default_format="gguf", reference=_ft.reference)
+                                    default_format="gguf", reference=_ft.reference, algorithms=("rtn", "optimize"))
 
 QuantConfig = NF4Config | Int4Config | GGMLConfig
 
@@ -99,6 +118,7 @@ def config_to_dict(config: QuantConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "ALGORITHMS",
     "GGML_METHODS",
     "METHODS",
     "AffineInt4Tensor",
