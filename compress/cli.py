@@ -7,6 +7,7 @@ one line on stderr with exit code 2; nothing is written in that case.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +24,10 @@ from compress.merge.combine import COMBINE_METHODS
 from compress.merge.lora import QALORA_POOLING
 from compress.merge.requant import STRATEGIES
 from compress.pipeline.execute import EXECUTORS, ExecutorOptions, parse_threads, parse_workers, resolve_device
+from compress.pipeline.plan import check_algorithm
 from compress.pipeline.report import parse_size
 from compress.pipeline.run import RunOptions
-from compress.quant import METHODS, make_config
+from compress.quant import ALGORITHMS, METHODS, make_config
 
 err_console = Console(stderr=True, emoji=False)
 out_console = Console(emoji=False)
@@ -47,6 +49,49 @@ def output_options(f: Any) -> Any:
     f = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress bar and no tables.")(f)
     return click.option("--force", is_flag=True, help="Replace OUT if it exists (atomically, after success).")(f)
+
+
+def algorithm_options(f: Any, *, seed: bool = True) -> Any:
+    """--algorithm and the calibration options (quantize, merge --quantize; merge has its own --seed)."""
+    f = click.option("--save-imatrix", type=click.Path(path_type=Path), default=None,
+                     help="gguf: also write the importance matrix used (.gguf as current llama.cpp, or .dat).")(f)
+    f = click.option("--imatrix", type=click.Path(path_type=Path), default=None,
+                     help="gguf: weight llama.cpp's scale searches with this importance matrix (llama-imatrix's "
+                          ".gguf or .dat, or ours), as llama-quantize --imatrix does.")(f)
+    f = click.option("--act-order", is_flag=True,
+                     help="gptq: round the inputs with the most activation energy first (groups stay contiguous).")(f)
+    if seed:
+        f = click.option("--seed", type=int, default=0, show_default=True,
+                         help="Seed of the calibration sample offsets.")(f)
+    f = click.option("--calibration-length", type=int, default=512, show_default=True,
+                     help="Tokens per calibration sample.")(f)
+    f = click.option("--calibration-samples", type=int, default=128, show_default=True,
+                     help="Calibration samples drawn from the text.")(f)
+    f = click.option("--calibration", default=None,
+                     help="A UTF-8 text file to calibrate on, or 'default' (built-in: standard-library documentation, "
+                          "disjoint from the text the reports evaluate on). gptq: its activations (default: "
+                          "default); gguf: computes an importance matrix.")(f)
+    return click.option("--algorithm", type=click.Choice(list(ALGORITHMS)), default="rtn", show_default=True,
+                        help="How each group's grid and codes are chosen. " + "; ".join(f"{k}: {v}" for k, v in
+                                                                                        ALGORITHMS.items()))(f)
+
+
+def algorithm_settings(common: dict[str, Any], container: str, seed: int | None = None) -> Any:
+    """Pop the algorithm options from ``common``: an AlgorithmSettings checked for the output ``container``."""
+    from compress.calib.text import CalibrationOptions
+    from compress.pipeline.algorithm import AlgorithmSettings
+    from compress.quant.gptq import GPTQConfig
+
+    algorithm, source, samples, length, act_order, imatrix, save = (common.pop(k) for k in (
+        "algorithm", "calibration", "calibration_samples", "calibration_length", "act_order", "imatrix",
+        "save_imatrix"))
+    seed = common.pop("seed") if seed is None else seed
+    if act_order and algorithm != "gptq":
+        raise OptionError("--act-order applies to --algorithm gptq", fix="Add --algorithm gptq, or drop --act-order.")
+    sampling = CalibrationOptions(source or "default", samples, length, seed)
+    gptq = GPTQConfig(act_order=act_order) if algorithm == "gptq" else None
+    return AlgorithmSettings(algorithm, None if source is None else sampling, gptq, imatrix, save,
+                             sampling).for_container(container)
 
 
 def shard_option(f: Any) -> Any:
@@ -119,6 +164,7 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 @click.option("--include", default=None, help="Regex: also quantize 2-D float weights whose name matches.")
 @click.option("--exclude", default=None, help="Regex: keep tensors whose name matches in their dtype.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, methods, projected size); write nothing.")
+@algorithm_options
 @run_options
 @shard_option
 @output_options
@@ -126,7 +172,7 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
              double_quant: bool, group_size: int, symmetric: bool, include: str | None, exclude: str | None,
              dry_run: bool, shard_size: str, **common: Any) -> None:
     """Quantize the Linear weights of MODEL (HF folder, .safetensors or .gguf) to 4 bits."""
-    from compress.pipeline import gguf
+    from compress.pipeline import calibrated, gguf
     from compress.pipeline import quantize as q
 
     fmt = FORMATS[format_name or METHODS[method].default_format]
@@ -137,23 +183,27 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
                                          group_size=group_size, symmetric=symmetric), "quantize")
     size = shard_bytes(shard_size)
     need_output(out, dry_run)
-    as_json, quiet, force = common.pop("as_json"), common.pop("quiet"), common.pop("force")
+    as_json, quiet, force = (common.pop(k) for k in ("as_json", "quiet", "force"))
+    settings = algorithm_settings(common, fmt.container)
     with running(**common, show=not (quiet or as_json)) as run:
         if fmt.container == "file":
+            check_algorithm(method, settings.algorithm)
             if include is not None or exclude is not None:
                 raise OptionError("--include/--exclude do not apply to --format gguf",
                                   fix="llama.cpp needs every tensor; the types are chosen per tensor (see --dry-run).")
             if dry_run:
                 return render.gguf_plan(out_console, *gguf.dry_run_gguf(model, method), as_json)
             assert out is not None
-            report = gguf.quantize_gguf(gguf.GGUFRequest(model, out, method, force), run)
+            report = gguf.quantize_gguf(gguf.GGUFRequest(model, out, method, force, settings), run)
             side = gguf.sidecar_paths(out)["report_json"]
             return render.result(out_console, out, report, report.bytes_after, as_json=as_json, quiet=quiet,
                                  report_json=side)
-        request = q.QuantizeRequest(model, out, method, config, fmt.name, include, exclude, size, force)
+        request = q.QuantizeRequest(model, out, method, config, fmt.name, include, exclude, size, force,
+                                    settings.algorithm)
         if dry_run:
             return render.quantize_plan(out_console, q.dry_run_quantize(request), as_json)
-        report = q.quantize_folder(request, run)
+        report = (q.quantize_folder(request, run) if settings.calibration is None else
+                  calibrated.quantize_calibrated(request, settings.calibration, settings.gptq, run))
     render.result(out_console, out, report, report.bytes_after, as_json=as_json, quiet=quiet)  # type: ignore[arg-type]
 
 
@@ -250,7 +300,8 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
 @output_options
 def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, window: int, stride: int | None,
              embeddings: bool, out: Path | None, device: str, as_json: bool, quiet: bool, force: bool) -> None:
-    """What compression cost: perplexity of causal LMs (or embedding cosine of encoders), side by side."""
+    """What compression cost, side by side: perplexity of causal LMs, with the KL divergence from the first
+    model's next-token distributions and top-1 agreement (or embedding cosine of encoders)."""
     from compress import evaluation
 
     request = evaluation.EvalRequest(models, text_path, tokens, window, stride, embeddings, out, force)
@@ -297,6 +348,7 @@ def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, wind
               help="int4: input channels per group (default: the quantized base's, else 128).")
 @click.option("--sym/--asym", "symmetric", default=False, show_default=True, help="int4: symmetric or asymmetric.")
 @click.option("--dry-run", is_flag=True, help="Print which tensors each adapter changes; write nothing.")
+@functools.partial(algorithm_options, seed=False)
 @run_options
 @shard_option
 @output_options
@@ -308,9 +360,13 @@ def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float
     """Merge LoRA adapters into BASE (a float checkpoint, or a compress NF4/INT4 output, dequantized first)."""
     from compress.pipeline import merge as m
 
+    settings = algorithm_settings(common, FORMATS[format_name or METHODS[quantize_method].default_format].container
+                                  if quantize_method != "none" else "folder", seed)
+    if settings.algorithm != "rtn" and quantize_method == "none":
+        raise OptionError(f"--algorithm {settings.algorithm} applies with --quantize", fix="Add --quantize METHOD.")
     request = m.MergeRequest(base_path, adapter_paths, out, weights, combine_name, density, rank, seed, qalora_pooling,
                              quantize_method, format_name, strategy, float_base_path, block_size, double_quant,
-                             group_size, symmetric, shard_bytes(shard_size), common.pop("force"))
+                             group_size, symmetric, shard_bytes(shard_size), common.pop("force"), settings)
     as_json, quiet = common.pop("as_json"), common.pop("quiet")
     with running(**common, show=not (quiet or as_json)) as run:
         if dry_run:

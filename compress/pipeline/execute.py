@@ -206,23 +206,53 @@ def execute(tasks: Sequence[Task], sink: TensorWriter | None, collect: Callable[
     ``sources``: how workers open the inputs; ``opened``: the same inputs already open in this process
     (used by the serial executor). Errors propagate; the caller's sink context then aborts the output.
     """
-    stats = ExecutionStats(options.describe())
-    started = time.perf_counter()
-    with _runner(options, sources, opened, device) as run:
-        for task, result in zip(tasks, run(tasks), strict=True):
+    with Executor(options, sources=sources, opened=opened, device=device) as executor:
+        executor.run(tasks, sink, collect, progress=progress)
+    return executor.stats
+
+
+class Executor:
+    """The executor kept open across stages: a plan whose later tasks depend on earlier results (calibrated
+    quantization: block k+1's statistics come from the quantized block k) calls :meth:`run` once per stage,
+    into the same sink, and the workers (or Ray) start once. Each stage is written in its own plan order."""
+
+    def __init__(self, options: ExecutorOptions, *, sources: Mapping[str, Source],
+                 opened: Mapping[str, CheckpointReader] | None = None, device: torch.device) -> None:
+        self.stats = ExecutionStats(options.describe())
+        self._context = _runner(options, sources, opened, device)
+        self._run: Callable[[Sequence[Task]], Iterator[TaskResult]] | None = None
+        self._started = 0.0
+
+    def __enter__(self) -> Executor:
+        self._started = time.perf_counter()
+        self._run = self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stats.seconds = time.perf_counter() - self._started
+        self._context.__exit__(*exc)
+
+    def run(self, tasks: Sequence[Task], sink: TensorWriter | None, collect: Callable[[Any], None], *,
+            progress: Progress | None = None) -> dict[str, torch.Tensor]:
+        """Run one stage's ``tasks`` (see :func:`execute`); returns the ``values`` of their results, merged."""
+        assert self._run is not None, "use the Executor as a context manager"
+        stats = self.stats
+        values: dict[str, torch.Tensor] = {}
+        for task, result in zip(tasks, self._run(tasks), strict=True):
+            values.update(result.values)
             if sink is not None:
                 for name, tensor in result.tensors:
                     sink.write(name, tensor)
             for row in result.rows:
                 collect(row)
             if stats.first_result_seconds is None:
-                stats.first_result_seconds, stats.first_task_bytes = time.perf_counter() - started, task.nbytes
+                stats.first_result_seconds = time.perf_counter() - self._started
+                stats.first_task_bytes = task.nbytes
             stats.tasks += 1
             stats.input_bytes += task.nbytes
             if progress is not None:
                 progress(task.name, task.nbytes)
-    stats.seconds = time.perf_counter() - started
-    return stats
+        return values
 
 
 @contextlib.contextmanager

@@ -89,10 +89,12 @@ class TaskContext:
 
 @dataclass
 class TaskResult:
-    """What a task produced: ``tensors`` (stored name, bytes) in writing order, and typed report rows."""
+    """What a task produced: ``tensors`` (stored name, bytes) in writing order, typed report rows, and ``values``
+    a later stage of the plan needs (e.g. a quantized weight as the file reconstructs it, by name)."""
 
     tensors: list[tuple[str, Encoded]] = field(default_factory=list)
     rows: list[Any] = field(default_factory=list)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
