@@ -21,7 +21,7 @@ stay out of the weights so that they are byte-identical between runs).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,12 @@ from compress.formats.base import dtype_name
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
 from compress.formats.gguf_names import LLAMA_LAYER_NAMES, gguf_name, permute_qk, qk_heads
 from compress.formats.gguf_writer import TOKENIZER_MODES, GGUFSink, GGUFTensorInfo, LlamaParams, llama_params
+from compress.formats.imatrix import ImportanceMatrix, read_imatrix, write_imatrix
 from compress.formats.inputs import open_model
 from compress.formats.output import OutputFile, check_output, json_text
 from compress.formats.sink import Encoded, encode_packed
 from compress.metrics import ErrorMetrics, compare
+from compress.pipeline.algorithm import AlgorithmSettings
 from compress.pipeline.execute import execute
 from compress.pipeline.quantize import requantized_note
 from compress.pipeline.report import KeptRow, QuantizeReport, TensorRow
@@ -61,7 +63,7 @@ class PlannedTensor(GGUFTensorInfo):
 
 
 def plan_tensors(infos: list[TensorInfo], p: LlamaParams, method: str, embeddings_type: str | None,
-                 where: str) -> tuple[list[PlannedTensor], list[str]]:
+                 where: str, has_imatrix: bool = False) -> tuple[list[PlannedTensor], list[str]]:
     """GGUF name, shape and type of every tensor, in the reader's order; plus notes."""
     notes: list[str] = []
     fallbacks: list[str] = []
@@ -90,7 +92,7 @@ def plan_tensors(infos: list[TensorInfo], p: LlamaParams, method: str, embedding
         elif method in ("f16", "f32"):
             qtype = method
         else:
-            qtype, note = llama_cpp_type(method, name, shape[-1], p.layers, p.tied)
+            qtype, note = llama_cpp_type(method, name, shape[-1], p.layers, p.tied, has_imatrix=has_imatrix)
             if note:
                 fallbacks.append(note)
         plan.append(PlannedTensor(name, shape, qtype, info.name, qk_heads(name, p.heads, p.kv_heads)))
@@ -122,12 +124,14 @@ class GGUFPlan:
         return sum(t.nbytes for t in self.tensors)
 
 
-def plan_gguf(reader: CheckpointReader, method: str, embeddings_type: str | None = None) -> GGUFPlan:
-    """What each tensor of ``reader`` becomes in a ``method`` file (names, types, bytes), reading no data."""
+def plan_gguf(reader: CheckpointReader, method: str, embeddings_type: str | None = None,
+              has_imatrix: bool = False) -> GGUFPlan:
+    """What each tensor of ``reader`` becomes in a ``method`` file (names, types, bytes), reading no data.
+    ``has_imatrix``: an importance matrix is used (llama-quantize's recipe then differs for some tensors)."""
     infos = reader.infos()
     where = str(reader.path)
     params = llama_params(reader.config, infos, where)
-    tensors, notes = plan_tensors(infos, params, method, embeddings_type, where)
+    tensors, notes = plan_tensors(infos, params, method, embeddings_type, where, has_imatrix)
     if isinstance(reader.config, dict) and reader.config.get("attention_bias"):
         notes.append("attention biases are written (llama.cpp reads them); compress' GGUF reader does not")
     return GGUFPlan(method, params, tensors, notes)
@@ -154,11 +158,13 @@ def gguf_row(planned: PlannedTensor, info_shape: tuple[int, ...], dtype: torch.d
     return KeptRow(planned.source, info_shape, dtype_name(dtype), kept_reason(planned.qtype))
 
 
-def tensor_bytes(t: torch.Tensor, qtype: str, measure: bool) -> tuple[Encoded | None, ErrorMetrics | None]:
+def tensor_bytes(t: torch.Tensor, qtype: str, measure: bool,
+                 importance: torch.Tensor | None = None) -> tuple[Encoded | None, ErrorMetrics | None]:
     """The GGUF bytes of one tensor (torch order, already permuted), or None when it holds NaN/inf (or values
-    its type cannot represent); with ``measure``, the error of what is stored (None for exact F32 copies)."""
+    its type cannot represent); with ``measure``, the error of what is stored (None for exact F32 copies).
+    ``importance`` (float32 [columns]): llama.cpp's importance-weighted search (its ``imatrix`` argument)."""
     if qtype in GGML_TYPES:
-        q = quantize_ggml(t, GGMLConfig(qtype))
+        q = quantize_ggml(t, GGMLConfig(qtype), importance=importance)
         if not q.scales_finite():  # NaN/inf reach the block scales
             return None, None
         return encode_packed(q.packed(), qtype, tuple(t.shape)), (q.error_against(t) if measure else None)
@@ -181,6 +187,10 @@ class GGUFTensorTask(Task):
     dtype: torch.dtype
     where: str
     measure: bool
+    # "optimize": llama.cpp's importance-weighted search with ``importance`` (all ones when None), kept only where
+    # it lowers the weight error unless the importance came from an importance matrix (then exactly llama.cpp's)
+    algorithm: str = "rtn"
+    importance: torch.Tensor | None = None
 
     def run(self, ctx: TaskContext) -> TaskResult:
         planned = self.planned
@@ -190,19 +200,45 @@ class GGUFTensorTask(Task):
                              where=self.where, fix="The checkpoint is corrupt.")
         if planned.permute_heads is not None:
             w = permute_qk(w, planned.permute_heads)
-        data, metrics = tensor_bytes(w.to(ctx.device), planned.qtype, self.measure)
+        w = w.to(ctx.device)
+        data, metrics = tensor_bytes(w, planned.qtype, self.measure or self.algorithm != "rtn")
         if data is None:
             raise not_finite(self.name, planned.qtype, self.where)
-        return TaskResult([(planned.name, data)], [gguf_row(planned, planned.shape, self.dtype, metrics)])
+        row = gguf_row(planned, planned.shape, self.dtype, metrics)
+        if self.algorithm != "rtn" and planned.qtype in GGML_TYPES and planned.qtype != "q8_0":
+            data, row = self.searched(w, data, row)
+        return TaskResult([(planned.name, data)], [row])
+
+    def searched(self, w: torch.Tensor, rtn_data: Encoded, rtn_row: Any) -> tuple[Encoded, Any]:
+        """The importance-weighted search's bytes and row, with the plain quantizer's error beside it."""
+        planned = self.planned
+        uniform = self.importance is None
+        importance = torch.ones(planned.shape[-1]) if uniform else self.importance
+        data, metrics = tensor_bytes(w, planned.qtype, True, importance=importance)
+        assert data is not None and metrics is not None and isinstance(rtn_row, TensorRow)
+        if uniform and metrics.rel_fro > rtn_row.metrics.rel_fro:  # never worse on the weight error
+            return rtn_data, replace(rtn_row, rtn=rtn_row.metrics, algorithm="rtn")
+        row = replace(gguf_row(planned, planned.shape, self.dtype, metrics), rtn=rtn_row.metrics,  # type: ignore[type-var]
+                      algorithm="optimize" if uniform else "imatrix")
+        return data, row
 
 
-def gguf_tasks(plan: GGUFPlan, reader: CheckpointReader, *, measure: bool, source: str = "model") -> list[Task]:
+def gguf_tasks(plan: GGUFPlan, reader: CheckpointReader, *, measure: bool, source: str = "model",
+               algorithm: str = "rtn", imatrix: ImportanceMatrix | None = None) -> list[Task]:
+    """One task per planned tensor; with ``imatrix``, each quantized tensor gets its importance vector (a tensor
+    the matrix lacks is quantized without, as llama-quantize does)."""
     infos = {i.name: i for i in reader.infos()}
     tasks: list[Task] = []
     for t in plan.tensors:
         assert t.source is not None
         info = infos[t.source]
-        tasks.append(GGUFTensorTask(t.source, info.nbytes, source, t, info.dtype, str(reader.path), measure))
+        importance = None
+        if imatrix is not None and t.qtype in GGML_TYPES and t.name in imatrix.entries:
+            importance = imatrix.importance(t.name, t.shape[-1])[0]
+        # with a matrix, a tensor it lacks is quantized as llama-quantize does then: without importance
+        how = "optimize" if importance is not None else ("rtn" if imatrix is not None else algorithm)
+        tasks.append(GGUFTensorTask(t.source, info.nbytes, source, t, info.dtype, str(reader.path), measure, how,
+                                    importance))
     return tasks
 
 
@@ -286,12 +322,26 @@ def sidecar_paths(out: Path) -> dict[str, Path]:
             "provenance": out.with_name(f"{stem}.provenance.json")}
 
 
-def check_gguf_output(out: Path, *, force: bool, inputs: list[Path]) -> None:
-    """Refuse a GGUF output that is not a .gguf path, overlaps an input, or exists (with its sidecars)."""
+def check_gguf_output(out: Path, *, force: bool, inputs: list[Path], extra: tuple[Path, ...] = ()) -> None:
+    """Refuse a GGUF output that is not a .gguf path, overlaps an input, or exists (with its sidecars and the
+    ``extra`` files written with it)."""
     if out.suffix != ".gguf":
         raise OptionError(f"--format gguf writes one file: {out} must end in .gguf",
                           fix="Pass -o MODEL.gguf (the report goes beside it as MODEL.report.md).")
-    check_output(out, force=force, inputs=inputs, kind="file", sidecars=tuple(sidecar_paths(out).values()))
+    for path in extra:
+        check_output(path, force=force, inputs=inputs, kind="file")
+    check_output(out, force=force, inputs=inputs, kind="file",
+                 sidecars=(*sidecar_paths(out).values(), *extra))
+
+
+def imatrix_provenance(settings: AlgorithmSettings, matrix: ImportanceMatrix | None) -> dict[str, Any] | None:
+    if matrix is None:
+        return None
+    source: dict[str, Any] = ({"file": str(settings.imatrix)} if settings.imatrix is not None else
+                              settings.calibration.as_dict() if settings.calibration is not None else {})
+    return {**source, "entries": len(matrix.entries), "chunks": matrix.chunks, "chunk_size": matrix.chunk_size,
+            "datasets": list(matrix.datasets),
+            "saved_to": str(settings.save_imatrix) if settings.save_imatrix is not None else None}
 
 
 def gguf_report(plan: GGUFPlan, reader: CheckpointReader, rows: GGUFRows, sink: GGUFSink) -> QuantizeReport:
@@ -328,19 +378,57 @@ class GGUFRequest:
     out: Path
     method: str
     force: bool = False
+    settings: AlgorithmSettings = field(default_factory=AlgorithmSettings)
 
 
-def dry_run_gguf(model: Path, method: str) -> tuple[GGUFPlan, list[TensorInfo]]:
+def dry_run_gguf(model: Path, method: str, settings: AlgorithmSettings = AlgorithmSettings()  # noqa: B008
+                 ) -> tuple[GGUFPlan, list[TensorInfo]]:
     with open_model(model) as reader:
-        return plan_gguf(reader, method), reader.infos()
+        return plan_gguf(reader, method, has_imatrix=settings.uses_importance_matrix), reader.infos()
+
+
+def importance_matrix(request: GGUFRequest, reader: CheckpointReader, plan: GGUFPlan,
+                      run: RunOptions) -> ImportanceMatrix | None:
+    """The importance matrix of the run: read (``--imatrix``) and checked against the model, or computed from the
+    calibration text (``--calibration``); None without either."""
+    settings = request.settings
+    if settings.imatrix is not None:
+        matrix = read_imatrix(settings.imatrix)
+        check_imatrix(matrix, plan, str(settings.imatrix))
+        return matrix
+    if settings.calibration is None:
+        return None
+    from compress.calib.importance import compute_importance
+
+    return compute_importance(request.model, reader, settings.calibration, run.device,
+                              {t.source: t.name for t in plan.tensors if t.source is not None})
+
+
+def check_imatrix(matrix: ImportanceMatrix, plan: GGUFPlan, where: str) -> None:
+    """InputError when the matrix does not belong to this model: no entry names one of its quantized tensors, or
+    an entry's size is not what the tensor's rows need."""
+    quantized = {t.name: t for t in plan.tensors if t.qtype in GGML_TYPES}
+    found = [name for name in matrix.entries if name in quantized]
+    if not found:
+        raise InputError("the importance matrix has no entry for any tensor of this model", where=where,
+                         fix="Use the importance matrix made for this model (or compute one with --calibration).")
+    for name in found:
+        entry, columns = matrix.entries[name], quantized[name].shape[-1]
+        if entry.n_per_row != columns:
+            raise InputError(f"the importance matrix gives {entry.n_per_row} values for '{name}', whose rows have "
+                             f"{columns}: it was made for another model", where=where,
+                             fix="Use the importance matrix made for this model (or compute one with --calibration).")
 
 
 def quantize_gguf(request: GGUFRequest, run: RunOptions) -> QuantizeReport:
     """Quantize ``request.model`` into one llama.cpp file, its report and provenance beside it."""
-    check_gguf_output(request.out, force=request.force, inputs=[request.model])
+    check_gguf_output(request.out, force=request.force, inputs=[request.model],
+                      extra=(request.settings.save_imatrix,) if request.settings.save_imatrix else ())
+    settings = request.settings
     with open_model(request.model) as reader:
-        plan = plan_gguf(reader, request.method)
-        tasks = gguf_tasks(plan, reader, measure=True)
+        plan = plan_gguf(reader, request.method, has_imatrix=settings.uses_importance_matrix)
+        matrix = importance_matrix(request, reader, plan, run)
+        tasks = gguf_tasks(plan, reader, measure=True, algorithm=settings.algorithm, imatrix=matrix)
         rows = GGUFRows()
         with GGUFSink(request.out, force=request.force, reader=reader, params=plan.params, file_type=plan.method,
                       tensors=plan.tensors) as sink:
@@ -349,9 +437,16 @@ def quantize_gguf(request: GGUFRequest, run: RunOptions) -> QuantizeReport:
                     opened={"model": reader}, device=run.device, options=run.executor, progress=run.on_task)
             sink.finish()
             report = gguf_report(plan, reader, rows, sink)
+            if settings.algorithm != "rtn":
+                report.parameters = {**report.parameters, "algorithm": settings.algorithm,
+                                     **({"imatrix": True} if matrix is not None else {})}
             report.notes += requantized_note(reader)
+            if matrix is not None and settings.save_imatrix is not None:
+                write_imatrix(matrix, sink.staging.sidecar(settings.save_imatrix),
+                              layout="dat" if settings.save_imatrix.suffix == ".dat" else "gguf")
             write_gguf_sidecars(sink.staging, report.as_dict(), report.to_markdown(), run, "quantize", request.model,
                                 {"method": request.method, "parameters": report.parameters, "format": "gguf",
+                                 "importance_matrix": imatrix_provenance(settings, matrix),
                                  "execution": stats.as_dict()})
             sink.commit()
     return report
