@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from compress.calib.importance import calibration_tokens
 from compress.errors import InputError, OptionError
 from compress.formats import FORMATS
 from compress.formats.base import ExportFormat
@@ -33,7 +34,9 @@ from compress.formats.sink import encode_packed
 from compress.formats.writer import FolderSink, TensorSpec, write_model_files
 from compress.merge.combine import make_combine, method_options
 from compress.merge.requant import STRATEGIES, is_group_constant
-from compress.pipeline.execute import execute
+from compress.pipeline.algorithm import AlgorithmSettings
+from compress.pipeline.calibrated import CalibratedRun
+from compress.pipeline.execute import Executor, execute
 from compress.pipeline.gguf import (
     GGUFRows,
     GGUFTensorTask,
@@ -56,12 +59,12 @@ from compress.pipeline.merge_quant import (
     merge_quantize_tasks,
 )
 from compress.pipeline.merged import MergedReader, MergedSource, MergeReport, MergeRow
-from compress.pipeline.plan import make_plan
-from compress.pipeline.quantize import write_quantized_files
+from compress.pipeline.plan import Plan, make_plan
+from compress.pipeline.quantize import algorithm_parameters, entry_task, write_quantized_files
 from compress.pipeline.report import KeptRow, QuantizeReport, TensorRow
 from compress.pipeline.run import RunOptions, json_safe, write_provenance
 from compress.pipeline.tasks import CopyTensor, ModelSource, Source, Task, TaskContext, TaskResult
-from compress.quant import METHODS, config_to_dict, describe_config, make_config
+from compress.quant import METHODS, describe_config, make_config
 from compress.quant.ggml import BLOCK, GGMLConfig, quantize_ggml
 
 
@@ -90,6 +93,7 @@ class MergeRequest:
     symmetric: bool = False
     shard_bytes: int = 5_000_000_000
     force: bool = False
+    settings: AlgorithmSettings = field(default_factory=AlgorithmSettings)
 
     @property
     def inputs(self) -> list[Path]:
@@ -188,6 +192,9 @@ def merge(request: MergeRequest, run: RunOptions) -> MergeResult:
         if fmt is None:
             return _merge_float(request, merged, source, run)
         if fmt.container == "file":
+            if request.settings.algorithm != "rtn":
+                raise OptionError("--algorithm with --quantize into GGUF is not offered by merge",
+                                  fix="Merge into a float folder (no --quantize), then `compress quantize` it to GGUF.")
             return _merge_gguf(request, merged, source, run)
         return _merge_folder(request, fmt, merged, source, run)
 
@@ -257,9 +264,18 @@ def _merge_folder(request: MergeRequest, fmt: ExportFormat, merged: MergedReader
                              symmetric=request.symmetric)
     except ValueError as e:
         raise OptionError(str(e), fix="See `compress merge --help` for the allowed values.") from e
-    plan = make_plan(merged.infos(), request.quantize, config, fmt)  # type: ignore[arg-type]
+    settings = request.settings
+    if settings.algorithm != "rtn" and (isinstance(base, DequantizingReader) or request.float_base is not None):
+        raise OptionError(f"--algorithm {settings.algorithm} applies when BASE is a float checkpoint (the merged "
+                          "weights are then quantized once)",
+                          fix="Pass the float base as BASE, or drop --algorithm for a quantized base.")
+    plan = make_plan(merged.infos(), request.quantize, config, fmt, algorithm=settings.algorithm)  # type: ignore[arg-type]
     if not plan.quantized:
         raise OptionError("no tensor is selected for quantization", fix="Check the base: it has no Linear weights.")
+    calibrated = None
+    if settings.calibration is not None and settings.gptq is not None:  # orders plan.entries block by block
+        tokens, text_sha256 = calibration_tokens(request.base, settings.calibration, [])
+        calibrated = CalibratedRun(merged, plan, tokens, settings.gptq, run, source="merged")
     sources: dict[str, Source] = {"merged": source}
     opened: dict[str, CheckpointReader] = {"merged": merged}
     if request.float_base is not None:
@@ -275,14 +291,17 @@ def _merge_folder(request: MergeRequest, fmt: ExportFormat, merged: MergedReader
             check_float_base(opened["float_base"], plan)  # before anything is read or written
         merge_report = MergeReport.start(merged.plan)
         requant = RequantReport(strategy=request.strategy)
-        report = QuantizeReport(method=plan.method, parameters=config_to_dict(config), format=fmt.name,
+        report = QuantizeReport(method=plan.method, parameters=algorithm_parameters(plan), format=fmt.name,
                                 bytes_before=plan.input_bytes, bytes_after=plan.output_bytes)
         rows = _MergeQuantRows(merge_report, requant, report)
-        tasks = merge_quantize_tasks(plan, strategy=request.strategy, float_base="float_base" in opened)
-        run.start(f"merge + {describe_config(plan.config)} ({fmt.name})", plan.input_bytes, len(tasks))
-        with FolderSink(out, force=request.force, specs=plan.output_specs(), shard_bytes=request.shard_bytes) as sink:
-            stats = execute(tasks, sink, rows.add, sources=sources, opened=opened, device=run.device,
-                            options=run.executor, progress=run.on_task)
+        run.start(f"merge + {describe_config(plan.config)} ({fmt.name})", plan.input_bytes, len(plan.entries))
+        with FolderSink(out, force=request.force, specs=plan.output_specs(), shard_bytes=request.shard_bytes) as sink, \
+                Executor(run.executor, sources=sources, opened=opened, device=run.device) as executor:
+            if calibrated is not None:
+                calibrated.run(executor, sink, rows.add)
+            else:
+                executor.run(merge_tasks(plan, request, "float_base" in opened), sink, rows.add, progress=run.on_task)
+            stats = executor.stats
             finish_requant_notes(requant, fmt.name, config)
             write_quantized_files(sink.folder, plan, merged, report)
             merge_report.notes += requant.notes
@@ -291,7 +310,9 @@ def _merge_folder(request: MergeRequest, fmt: ExportFormat, merged: MergedReader
                            merge_report.to_markdown() + "\n" + requant.to_markdown() + "\n" + report.to_markdown())
             write_provenance(sink.folder / "compress_provenance.json", run, "merge", request.base, out,
                              {**request.provenance(merged.plan), "format": fmt.name,
-                              "parameters": config_to_dict(plan.config), "strategy": request.strategy,
+                              "parameters": algorithm_parameters(plan), "strategy": request.strategy,
+                              **(calibrated.provenance(settings.calibration, text_sha256)  # type: ignore[arg-type]
+                                 if calibrated is not None else {}),
                               "float_base": str(request.float_base.resolve()) if request.float_base else None,
                               "shard_size": request.shard_bytes, "execution": stats.as_dict()})
             sink.commit()
@@ -300,6 +321,14 @@ def _merge_folder(request: MergeRequest, fmt: ExportFormat, merged: MergedReader
             opened["float_base"].close()
     return MergeResult(out, "folder", report, report.bytes_after, out / "report.json", merge_report, requant,
                        requant.notes)
+
+
+def merge_tasks(plan: Plan, request: MergeRequest, float_base: bool) -> list[Task]:
+    """merge --quantize's tasks: the re-rounding strategies, or with an algorithm other than rtn (a float base) the
+    quantize tasks on the merged weights."""
+    if plan.algorithm == "rtn":
+        return merge_quantize_tasks(plan, strategy=request.strategy, float_base=float_base)
+    return [entry_task(entry, plan, "merged") for entry in plan.entries]
 
 
 @dataclass(frozen=True)
