@@ -168,11 +168,14 @@ def test_unsupported_shapes_and_scale_dtype(tmp_path: Path) -> None:
 
 # --- loading in transformers ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model_fixture, group", [("tiny_llama", 32), ("tiny_llama", 128), ("tiny_llama_bf16", 128)])
-def test_symmetric_loads_in_transformers(model_fixture: str, group: int, outputs: Callable[..., Path],
+@pytest.mark.parametrize("model_fixture, group, algorithm", [
+    ("tiny_llama", 32, "rtn"), ("tiny_llama", 128, "rtn"), ("tiny_llama_bf16", 128, "rtn"),
+    ("tiny_llama", 32, "optimize"), ("tiny_llama_bf16", 128, "optimize"),  # searched scales load the same way
+])
+def test_symmetric_loads_in_transformers(model_fixture: str, group: int, algorithm: str, outputs: Callable[..., Path],
                                          token_ids: torch.Tensor, request: pytest.FixtureRequest) -> None:
     src = request.getfixturevalue(model_fixture)
-    out = outputs(src, "--sym", "--group-size", str(group))
+    out = outputs(src, "--sym", "--group-size", str(group), "--algorithm", algorithm)
     ref, ours = reference_logits(src, out, token_ids)
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     # transformers keeps the modules compressed: packed int32 codes, no float weight ...

@@ -286,3 +286,28 @@ def test_merge_quantize_with_algorithm_equals_quantizing_the_float_merge(tiny_ll
                    "--group-size", "32").rc == 0
     r = run_cli(capsys, "merge", tmp_path / "q", "--adapter", tmp_path / "adapter", "-o", tmp_path / "bad", *quant)
     assert r.rc == 2 and "applies when BASE is a float checkpoint" in r.err and not (tmp_path / "bad").exists()
+
+
+def test_gptq_outputs_load_in_transformers(tiny_llama_tok: Path, tmp_path: Path, capsys) -> None:
+    """NF4 (transformers + bitsandbytes) and symmetric compressed-tensors outputs of GPTQ load in transformers, and
+    the loaders reconstruct exactly the weights our reader (and the report) see."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    nf4 = gptq_cli(capsys, tiny_llama_tok, tmp_path / "nf4", "--method", "nf4", "--block-size", "64")
+    with open_model(nf4) as reader:
+        ours = {i.name: reader.get(i.name) for i in reader.infos() if reader.is_quantized(i.name)}
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(nf4)).eval()
+    modules = {n: m for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert {n + ".weight" for n in modules} == set(ours) and len(ours) == 14
+    for name, module in modules.items():
+        assert torch.equal(bnb_f.dequantize_4bit(module.weight.data, module.weight.quant_state), ours[name + ".weight"])
+
+    pytest.importorskip("compressed_tensors")
+    ct = gptq_cli(capsys, tiny_llama_tok, tmp_path / "ct", "--method", "int4", "--format", "compressed-tensors",
+                  "--sym", "--group-size", "32")
+    with open_model(ct) as reader:
+        ours = {i.name: reader.get(i.name) for i in reader.infos() if reader.is_quantized(i.name)}
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(ct)).eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.int64))  # compressed-tensors decompresses on the first forward
+    for name, W in ours.items():
+        assert torch.equal(model.get_submodule(name.removesuffix(".weight")).weight, W), name

@@ -129,13 +129,19 @@ BNB_CASES = [
 ]
 BNB_IDS = ["f32-nf4-b64", "f32-fp4-b64", "f32-nf4-b64-dq", "f32-nf4-b32", "f32-fp4-b128-dq",
            "bf16-nf4-b64", "bf16-fp4-b64", "bf16-nf4-b64-dq", "bf16-nf4-b128"]
+# --algorithm optimize: searched absmax values (and codes chosen against them) load the same way
+BNB_LOAD_CASES = [*BNB_CASES,
+                  ("tiny_llama", ("--method", "nf4", "--block-size", "64", "--algorithm", "optimize")),
+                  ("tiny_llama_bf16", ("--method", "fp4", "--block-size", "64", "--double-quant", "--algorithm",
+                                       "optimize"))]
+BNB_LOAD_IDS = [*BNB_IDS, "f32-nf4-b64-optimize", "bf16-fp4-b64-dq-optimize"]
 
 
 def _option(args: tuple[str, ...], name: str) -> str:
     return args[args.index(name) + 1]
 
 
-@pytest.mark.parametrize(("model_fixture", "args"), BNB_CASES, ids=BNB_IDS)
+@pytest.mark.parametrize(("model_fixture", "args"), BNB_LOAD_CASES, ids=BNB_LOAD_IDS)
 def test_bnb_loads_in_transformers_with_our_weights(model_fixture: str, args: tuple[str, ...],
                                                     request: pytest.FixtureRequest, outputs, token_ids) -> None:
     src: Path = request.getfixturevalue(model_fixture)
@@ -365,7 +371,10 @@ def test_gptq_matches_independent_decoder(model_fixture: str, group_size: int, s
 @pytest.mark.parametrize(("model_fixture", "args"), [
     ("tiny_llama", ("--group-size", "64", "--sym")),  # checkpoint_format gptq (v1)
     ("tiny_llama_96", ("--group-size", "64", "--asym")),  # gptq_v2, a shorter last group
-], ids=["sym-g64", "in96-asym-g64"])
+    ("tiny_llama_96", ("--group-size", "64", "--asym", "--algorithm", "optimize")),  # searched scales and zeros
+    ("tiny_llama_tok", ("--group-size", "32", "--asym", "--algorithm", "gptq", "--act-order",
+                        "--calibration-samples", "4", "--calibration-length", "32")),  # GPTQ's codes
+], ids=["sym-g64", "in96-asym-g64", "in96-asym-g64-optimize", "asym-g32-gptq-act-order"])
 def test_gptq_loads_in_transformers_gptqmodel(model_fixture: str, args: tuple[str, ...],
                                               request: pytest.FixtureRequest, outputs, token_ids) -> None:
     """transformers + optimum + gptqmodel load our GPTQ output on CPU and compute with our weights.
