@@ -16,13 +16,12 @@ import hashlib
 import importlib
 import inspect
 import io
+import pydoc_data.topics
 import re
 from pathlib import Path
 
-import pydoc_data.topics
-
 OUT = Path(__file__).resolve().parent.parent / "compress" / "calib" / "default_calibration.txt.gz"
-MODULES = (
+_NAMES = (
     "argparse asyncio base64 bisect calendar collections concurrent.futures configparser contextlib copy csv "
     "dataclasses datetime decimal difflib email enum fractions functools gettext glob gzip hashlib heapq hmac html "
     "http.client http.server imaplib inspect io ipaddress itertools json logging lzma mailbox math multiprocessing "
@@ -30,7 +29,8 @@ MODULES = (
     "secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 ssl statistics string struct "
     "subprocess tarfile tempfile textwrap threading timeit tokenize trace traceback typing unittest urllib.parse "
     "urllib.request uuid warnings wave weakref xml.dom.minidom xml.etree.ElementTree zipfile zoneinfo"
-).split()
+)
+MODULES = tuple(_NAMES.split())
 MIN_CHARS = 200  # docstrings shorter than this are mostly signatures
 SHINGLE = 10
 

@@ -33,7 +33,7 @@ from compress.formats.inputs import open_model
 from compress.formats.output import check_output
 from compress.formats.sink import encode
 from compress.formats.writer import FolderSink
-from compress.pipeline.execute import Executor
+from compress.pipeline.execute import Executor, available_cores
 from compress.pipeline.plan import Plan, TensorPlan
 from compress.pipeline.quantize import (
     QuantizeRequest,
@@ -143,13 +143,16 @@ class CalibratedRun:
     def __init__(self, reader: CheckpointReader, plan: Plan, tokens: torch.Tensor, gptq: GPTQConfig,
                  run: RunOptions, source: str = "model") -> None:
         self.plan, self.gptq, self.run_options, self.source = plan, gptq, run, source
-        with torch_threads(run.executor.task_threads):  # the same bits whichever executor runs the tasks
+        # The runner's forward passes run in this process while the workers wait for its statistics: they get every
+        # core, and the same thread count whichever executor runs the tasks, so H has the same bits in each.
+        self.threads = available_cores()
+        with torch_threads(self.threads):
             self.runner = CalibrationRunner(reader, tokens, run.device)
         self.stages = staged_entries(plan, self.runner)
         plan.entries = [e for stage in self.stages for e in stage]
 
     def run(self, executor: Executor, sink: Any, collect: Any) -> None:
-        threads = self.run_options.executor.task_threads
+        threads = self.threads
         blocks = iter(self.runner)
         for index, entries in enumerate(self.stages):
             with torch_threads(threads):
