@@ -59,7 +59,8 @@ def algorithm_options(f: Any, *, seed: bool = True) -> Any:
                      help="gguf: weight llama.cpp's scale searches with this importance matrix (llama-imatrix's "
                           ".gguf or .dat, or ours), as llama-quantize --imatrix does.")(f)
     f = click.option("--act-order", is_flag=True,
-                     help="gptq: round the inputs with the most activation energy first (groups stay contiguous).")(f)
+                     help="gptq: round the inputs with the most activation energy first; in the gptq layout the "
+                          "groups follow that order (g_idx, desc_act), elsewhere they stay contiguous.")(f)
     if seed:
         f = click.option("--seed", type=int, default=0, show_default=True,
                          help="Seed of the calibration sample offsets.")(f)
@@ -192,7 +193,7 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
                 raise OptionError("--include/--exclude do not apply to --format gguf",
                                   fix="llama.cpp needs every tensor; the types are chosen per tensor (see --dry-run).")
             if dry_run:
-                return render.gguf_plan(out_console, *gguf.dry_run_gguf(model, method), as_json)
+                return render.gguf_plan(out_console, *gguf.dry_run_gguf(model, method, settings), as_json)
             assert out is not None
             report = gguf.quantize_gguf(gguf.GGUFRequest(model, out, method, force, settings), run)
             side = gguf.sidecar_paths(out)["report_json"]

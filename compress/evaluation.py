@@ -86,7 +86,9 @@ def _weight_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in files)
 
 
-def _tokenizer_dir(path: Path, keep: list[Any]) -> Path | None:
+def tokenizer_dir(path: Path, keep: list[Any]) -> Path | None:
+    """A folder holding the tokenizer files of ``path`` (the folder itself, or a temporary one with a GGUF's
+    converted tokenizer, kept alive by ``keep``), or None when it has none."""
     if path.is_dir() and any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return path
     with open_checkpoint(path) as reader:
@@ -139,7 +141,7 @@ def load_model(path: Path, *, encoder: bool, device: torch.device, keep: list[An
     auto = transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
     with open_checkpoint(path) as raw:
         fmt = format_of(raw)
-    tok_dir = _tokenizer_dir(path, keep)
+    tok_dir = tokenizer_dir(path, keep)
     size = _weight_bytes(path)
     if path.suffix == ".gguf" and not encoder and importlib.util.find_spec("llama_cpp"):
         return LoadedModel(LlamaCppLM(path), "llama.cpp (llama-cpp-python)", tok_dir, size)

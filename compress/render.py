@@ -81,7 +81,7 @@ def result(console: Console, out: Path, report: Any, size: int, *, as_json: bool
 def quantize_plan(console: Console, plan: Any, as_json: bool) -> None:
     data = {
         "method": plan.method, "parameters": config_to_dict(plan.config), "format": plan.format.name,
-        "bytes_before": plan.input_bytes, "bytes_after": plan.output_bytes,
+        "algorithm": plan.algorithm, "bytes_before": plan.input_bytes, "bytes_after": plan.output_bytes,
         "tensors": [{"name": e.info.name, "shape": list(e.info.shape), "dtype": dtype_name(e.info.dtype),
                      "action": "quantize" if e.quantize else "keep", "reason": e.reason,
                      "bytes_before": e.info.nbytes, "bytes_after": e.output_bytes} for e in plan.entries],
@@ -89,7 +89,8 @@ def quantize_plan(console: Console, plan: Any, as_json: bool) -> None:
     if as_json:
         echo_json(data)
         return
-    table = Table(title=f"plan: {describe_config(plan.config)} → {plan.format.name} (dry run, nothing written)")
+    how = "" if plan.algorithm == "rtn" else f", {plan.algorithm}"
+    table = Table(title=f"plan: {describe_config(plan.config)}{how} → {plan.format.name} (dry run, nothing written)")
     table.add_column("tensor", overflow="fold", min_width=24)
     for col in ("shape", "dtype", "action", "reason", "bytes → after"):
         table.add_column(col)

@@ -311,3 +311,37 @@ def test_gptq_outputs_load_in_transformers(tiny_llama_tok: Path, tmp_path: Path,
         model(torch.zeros(1, 4, dtype=torch.int64))  # compressed-tensors decompresses on the first forward
     for name, W in ours.items():
         assert torch.equal(model.get_submodule(name.removesuffix(".weight")).weight, W), name
+
+
+def test_act_order_groups_in_the_gptq_layout(tiny_llama_tok: Path, tmp_path: Path, capsys) -> None:
+    """--act-order into the gptq layout: groups follow GPTQ's order (desc_act, a g_idx per channel); the stored
+    tensors decode by the published formula W = s[g_idx] (q - z[g_idx]) to what our reader (and report) give;
+    other layouts keep contiguous groups."""
+    import numpy as np
+    from safetensors.numpy import load_file as load_numpy
+
+    out = gptq_cli(capsys, tiny_llama_tok, tmp_path / "ao", "--method", "int4", "--group-size", "32", "--act-order")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True and qc["group_size"] == 32
+    stored = load_numpy(out / "model.safetensors")
+    report = {r["name"]: r for r in json.loads((out / "report.json").read_text())["quantized"]}
+    permuted = 0
+    with open_model(out) as reader:
+        for key in [k for k in stored if k.endswith(".g_idx")]:
+            p = key.removesuffix(".g_idx")
+            g = stored[key].astype(np.int64)
+            in_f = g.size
+            assert np.bincount(g, minlength=-(-in_f // 32)).max() <= 32  # at most G channels per group
+            permuted += not np.array_equal(g, np.arange(in_f) // 32)
+            q = ((stored[p + ".qweight"].astype(np.int64)[..., None] >> (4 * np.arange(8))) & 0xF)
+            q = q.transpose(0, 2, 1).reshape(in_f, -1)  # [in, out]
+            z = ((stored[p + ".qzeros"].astype(np.int64)[..., None] >> (4 * np.arange(8))) & 0xF).reshape(
+                stored[p + ".qzeros"].shape[0], -1)
+            s = stored[p + ".scales"].astype(np.float32)
+            decoded = (s[g] * (q - z[g]).astype(np.float32)).T
+            np.testing.assert_array_equal(reader.get(p + ".weight").numpy(), decoded)
+            assert report[p + ".weight"]["output_error"] <= report[p + ".weight"]["rtn_output_error"]
+    assert permuted >= 12  # GPTQ won nearly everywhere, and its groups are act-order groups
+    ct = gptq_cli(capsys, tiny_llama_tok, tmp_path / "ct", "--method", "int4", "--format", "compressed-tensors",
+                  "--sym", "--group-size", "32", "--act-order")
+    assert "g_idx" not in " ".join(load_numpy(ct / "model.safetensors"))

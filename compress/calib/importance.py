@@ -22,11 +22,11 @@ from compress.formats.imatrix import ImatrixEntry, ImportanceMatrix
 def calibration_tokens(model: Path, calibration: CalibrationOptions, keep: list[Any]) -> tuple[torch.Tensor, str]:
     """The token samples [samples, length] of the calibration text with the model's own tokenizer, and the text's
     sha256."""
-    from compress.evaluation import _tokenizer_dir, require_transformers
+    from compress.evaluation import require_transformers, tokenizer_dir
 
     transformers = require_transformers()
     text = read_calibration(calibration.source)
-    tok_dir = _tokenizer_dir(model, keep)
+    tok_dir = tokenizer_dir(model, keep)
     if tok_dir is None:
         raise InputError("the model has no tokenizer files, which calibration needs", where=str(model),
                          fix="Add the tokenizer files (tokenizer.json, tokenizer_config.json) to the model folder.")

@@ -6,7 +6,8 @@ Per quantized Linear ``P`` with in = in_features, out = out_features, G = group 
     P.qweight  int32 [in / 8, out]          input row 8r + j in bits 4j..4j+3 of qweight[r, o]
     P.qzeros   int32 [n_groups, out / 8]    zero points packed the same way along the output dim
     P.scales   float16 [n_groups, out]
-    P.g_idx    int32 [in]                   i // G (no act-order)
+    P.g_idx    int32 [in]                   the group of input i: i // G, or with act-order (desc_act) the
+                                            group GPTQ rounded it in (read and written)
 
     W[o, i] = scales[g_idx[i], o] * (q[i, o] - z[g_idx[i], o])
 
@@ -109,7 +110,7 @@ class GptqFormat(WeightFormat):
             "quant_method": "gptq",
             "bits": 4,
             "group_size": config.group_size,
-            "desc_act": False,
+            "desc_act": config.desc_act,
             "sym": config.symmetric,
             "checkpoint_format": "gptq" if config.symmetric else "gptq_v2",
         }
@@ -152,9 +153,10 @@ class GptqFormat(WeightFormat):
         group_size = int(quantization_config.get("group_size", -1))
         if group_size <= 0:
             group_size = in_features
-        if not torch.equal(g_idx, torch.arange(in_features) // group_size):
-            raise ValueError(f"{p}: act-order (desc_act) g_idx is not supported")
+        consecutive = torch.equal(g_idx, torch.arange(in_features) // group_size)
+        if not consecutive and (g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[1])):
+            raise ValueError(f"'{p}.g_idx' names groups outside 0..{scales.shape[1] - 1}")
         return Int4Tensor(shape=(out_features, in_features), dtype=dtype, codes=codes, scales=scales,
                           zeros=zeros,
                           group_size=group_size, symmetric=bool(quantization_config.get("sym", False)),
-                          scale_dtype=torch.float16)
+                          scale_dtype=torch.float16, g_idx=None if consecutive else g_idx)

@@ -50,7 +50,8 @@ from compress.pipeline.report import QuantizeReport, TensorRow
 from compress.pipeline.run import RunOptions, write_provenance
 from compress.pipeline.tasks import ModelSource, Task, TaskContext, TaskResult
 from compress.quant import METHODS, describe_config
-from compress.quant.gptq import GPTQConfig, gptq_quantize, output_error
+from compress.quant.gptq import GPTQConfig, gptq_act_order_groups, gptq_quantize, output_error
+from compress.quant.int4 import Int4Config
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,13 @@ class GPTQWeight(Task):
         if not rtn_metrics.reference_finite:
             raise non_finite(W, self.name, self.where)
         assert entry.optimize is not None
-        grid = entry.optimize(W, self.config, float_offset=FORMATS[self.layout].float_offsets)  # type: ignore[attr-defined]
-        candidates = [("gptq", gptq_quantize(W, H, grid, self.gptq)), ("optimize", grid), ("rtn", rtn)]
+        float_offset = FORMATS[self.layout].float_offsets  # type: ignore[attr-defined]
+        grid = entry.optimize(W, self.config, float_offset=float_offset)
+        if getattr(self.config, "desc_act", False):  # act-order groups, named by g_idx (gptq layout)
+            gptq = gptq_act_order_groups(W, H, lambda Wp: entry.optimize(Wp, self.config), self.gptq)  # type: ignore[misc]
+        else:
+            gptq = gptq_quantize(W, H, grid, self.gptq)
+        candidates = [("gptq", gptq), ("optimize", grid), ("rtn", rtn)]
         errors = [output_error(W, qt.dequantize(torch.float32), H) for _, qt in candidates]
         best = min(range(len(candidates)), key=lambda i: (errors[i], i))
         used, qt = candidates[best]
@@ -169,9 +175,18 @@ class CalibratedRun:
                 "gptq": {"damp": gptq.damp, "act_order": gptq.act_order, "block_size": gptq.block_size}}
 
 
+def act_order_config(config: Any, layout: str, gptq: GPTQConfig) -> Any:
+    """The method config with act-order groups (g_idx) when GPTQ runs in act-order into the gptq layout, the one
+    layout that names each channel's group; elsewhere act-order only orders the rounding (static groups)."""
+    if gptq.act_order and layout == "gptq" and isinstance(config, Int4Config):
+        return replace(config, desc_act=True)
+    return config
+
+
 def quantize_calibrated(request: QuantizeRequest, calibration: CalibrationOptions, gptq: GPTQConfig,
                         run: RunOptions) -> QuantizeReport:
     """Quantize ``request.model`` with GPTQ into the folder ``request.out`` (module docstring)."""
+    request = replace(request, config=act_order_config(request.config, request.layout, gptq))
     out = request.out
     assert out is not None
     check_output(out, force=request.force, inputs=[request.model])

@@ -35,7 +35,7 @@ from compress.formats.writer import FolderSink, TensorSpec, write_model_files
 from compress.merge.combine import make_combine, method_options
 from compress.merge.requant import STRATEGIES, is_group_constant
 from compress.pipeline.algorithm import AlgorithmSettings
-from compress.pipeline.calibrated import CalibratedRun
+from compress.pipeline.calibrated import CalibratedRun, act_order_config
 from compress.pipeline.execute import Executor, execute
 from compress.pipeline.gguf import (
     GGUFRows,
@@ -265,6 +265,8 @@ def _merge_folder(request: MergeRequest, fmt: ExportFormat, merged: MergedReader
     except ValueError as e:
         raise OptionError(str(e), fix="See `compress merge --help` for the allowed values.") from e
     settings = request.settings
+    if settings.gptq is not None:
+        config = act_order_config(config, fmt.name, settings.gptq)
     if settings.algorithm != "rtn" and (isinstance(base, DequantizingReader) or request.float_base is not None):
         raise OptionError(f"--algorithm {settings.algorithm} applies when BASE is a float checkpoint (the merged "
                           "weights are then quantized once)",

@@ -114,7 +114,8 @@ def config_to_dict(config: QuantConfig) -> dict[str, Any]:
     if isinstance(config, GGMLConfig):
         return {"method": config.qtype, "block_size": config.block_size}
     return {"method": "int4", "group_size": config.group_size, "symmetric": config.symmetric,
-            "scale_dtype": str(config.scale_dtype).removeprefix("torch.")}
+            "scale_dtype": str(config.scale_dtype).removeprefix("torch."),
+            **({"desc_act": True} if config.desc_act else {})}
 
 
 __all__ = [

@@ -163,6 +163,20 @@ def table_rounder(grid: NF4Tensor) -> ColumnRounder:
     return round_column
 
 
+def gptq_act_order_groups(W: torch.Tensor, H: torch.Tensor, make_grid: Callable[[torch.Tensor], Int4Tensor],
+                          config: GPTQConfig = GPTQConfig()) -> Int4Tensor:
+    """GPTQ with act-order groups (GPTQ's ``desc_act``, for the gptq layout): the input channels are taken by
+    decreasing diag(H) and cut into consecutive groups *in that order*, so each group holds channels of similar
+    energy; ``make_grid`` chooses the grid of W with its columns in that order (e.g. the optimiser), GPTQ rounds
+    in that order, and the result names each channel's group by ``g_idx`` (channel c is in group rank(c) // G)."""
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    rank = torch.argsort(order)  # position of each channel in the processing order
+    Wp, Hp = W[:, order], H[order][:, order]
+    grid = make_grid(Wp)
+    codes = gptq_round(Wp, Hp, int4_rounder(grid), replace(config, act_order=False))
+    return replace(grid, codes=codes[:, rank].contiguous(), g_idx=(rank // grid.group_size).to(W.device))
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: QuantizedTensor,
                   config: GPTQConfig = GPTQConfig()) -> QuantizedTensor:
     """GPTQ of W: [out, in] onto ``grid`` (an INT4, affine INT4 or NF4/FP4 tensor of W whose parameters are kept):

@@ -39,6 +39,9 @@ class Int4Config:
     group_size: int = 128
     symmetric: bool = False
     scale_dtype: torch.dtype = torch.float16
+    # Groups may be any set of ``group_size`` input channels, named per channel by a g_idx (GPTQ's act-order:
+    # groups follow the order GPTQ rounds the channels in); only the gptq layout can store it.
+    desc_act: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size not in GROUP_SIZES:
@@ -51,7 +54,8 @@ class Int4Config:
 class Int4Tensor(QuantizedTensor):
     """codes: uint8 [out, in] in 0..15; scales: float32 [out, n_groups] (values exactly
     representable in ``scale_dtype``); zeros: uint8 [out, n_groups] in 0..15 (all 8 when
-    symmetric). n_groups = ceil(in / group_size)."""
+    symmetric). n_groups = ceil(in / group_size). ``g_idx`` (int64 [in], or None for consecutive groups,
+    i // group_size): the group of each input channel, as GPTQ's act-order stores it."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -59,6 +63,7 @@ class Int4Tensor(QuantizedTensor):
     group_size: int
     symmetric: bool
     scale_dtype: torch.dtype = torch.float16
+    g_idx: torch.Tensor | None = None
 
     @property
     def n_groups(self) -> int:
@@ -70,7 +75,9 @@ class Int4Tensor(QuantizedTensor):
         return self.shape[1] % self.group_size
 
     def group_index(self) -> torch.Tensor:
-        """int64 [in]: the group of each input channel (GPTQ's g_idx without act-order)."""
+        """int64 [in]: the group of each input channel (GPTQ's g_idx)."""
+        if self.g_idx is not None:
+            return self.g_idx
         return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
 
     @property
@@ -80,6 +87,10 @@ class Int4Tensor(QuantizedTensor):
     def dequantize_range(self, start: int, stop: int) -> torch.Tensor:
         """W' = (q - zero) * scale per group, in float32 (rows ``start / in`` to ``stop / in``)."""
         r0, r1 = start // self.shape[1], -(-stop // self.shape[1])
+        if self.g_idx is not None:  # groups named per channel: gather each channel's parameters
+            g = self.g_idx
+            zeros, scales = self.zeros[r0:r1][:, g].float(), self.scales[r0:r1][:, g]
+            return ((self.codes[r0:r1].float() - zeros) * scales).reshape(-1)
         return _per_group(self.codes[r0:r1], self.group_size,
                           lambda q, j: (q - self.zeros[r0:r1, j].float().unsqueeze(-1))
                           * self.scales[r0:r1, j].unsqueeze(-1))
@@ -96,6 +107,8 @@ class Int4Tensor(QuantizedTensor):
         Exact: scale (at most float16/bfloat16 precision) times an integer 0..15 fits float32's
         mantissa, and so does scale * (q - zero), so both forms dequantize to identical float32 values.
         """
+        if self.g_idx is not None:
+            raise ValueError("float offsets hold consecutive groups only, not act-order groups (g_idx)")
         return AffineInt4Tensor(shape=self.shape, dtype=self.dtype, codes=self.codes, scales=self.scales,
                                 offsets=-(self.scales * self.zeros.float()), group_size=self.group_size,
                                 scale_dtype=self.scale_dtype)
