@@ -100,17 +100,29 @@ def quantize_variants(src: Path, work: Path, variants: list[tuple[str, ...]], op
         gguf = "gguf" in args
         out = work / (f"{key}.gguf" if gguf else key)
         imatrix = work / f"{key}.imatrix.gguf"
+        cmd = [benchlib.compress_exe(), "quantize", str(src), "-o", str(out), "-q", *expand(args, opts, imatrix)]
+        rusage = logs / f"{key}.rusage.json"
+        if opts.reuse and out.exists() and rusage.exists():  # an earlier run of this script made it: keep its figures
+            ru = json.loads(rusage.read_text())
+            measured = {"wall_s": ru["wall_s"], "max_rss_bytes": ru["max_rss_kib"] * 1024}
+            rows[key] = variant_row(key, label, rest, out, gguf, cmd, measured, imatrix)
+            continue
         for stale in (out, imatrix, *work.glob(f"{key}.*.json"), *work.glob(f"{key}.report.md")):
             if stale.is_dir():
                 shutil.rmtree(stale)
             elif stale.exists():
                 stale.unlink()
-        cmd = [benchlib.compress_exe(), "quantize", str(src), "-o", str(out), "-q", *expand(args, opts, imatrix)]
         benchlib.log(f"{key}: {' '.join(cmd[2:])}")
         measured = benchlib.run_measured(cmd, log_dir=logs, tag=key)
-        report_path = out.with_name(f"{key}.report.json") if gguf else out / "report.json"
-        totals = json.loads(report_path.read_text())["totals"]
-        rows[key] = {"key": key, "label": label, "grid": rest[0] if len(rest) > 1 else None, "path": str(out),
+        rows[key] = variant_row(key, label, rest, out, gguf, cmd, measured, imatrix)
+    return rows
+
+
+def variant_row(key: str, label: str, rest: list[Any], out: Path, gguf: bool, cmd: list[str],
+                measured: dict[str, Any], imatrix: Path) -> dict[str, Any]:
+    report_path = out.with_name(f"{key}.report.json") if gguf else out / "report.json"
+    totals = json.loads(report_path.read_text())["totals"]
+    return {"key": key, "label": label, "grid": rest[0] if len(rest) > 1 else None, "path": str(out),
                      "command": " ".join(["compress", *cmd[1:]]), "wall_s": round(measured["wall_s"], 1),
                      "peak_rss_bytes": measured["max_rss_bytes"],
                      "bits_per_weight": totals.get("bits_per_param_overall"),
@@ -119,7 +131,6 @@ def quantize_variants(src: Path, work: Path, variants: list[tuple[str, ...]], op
                      "rms_output_error": totals.get("rms_output_error"),
                      "rtn_rms_output_error": totals.get("rtn_rms_output_error"),
                      "imatrix": str(imatrix) if imatrix.exists() else None}
-    return rows
 
 
 def llamacpp_q4_k_m(src: Path, work: Path, imatrix: Path | None) -> tuple[Path, float]:
@@ -162,10 +173,16 @@ def llmcompressor_gptq(src: Path, work: Path, opts: argparse.Namespace, logs: Pa
     if not python.exists():
         return None
     tokens = work / f"tokens-32x{opts.length}.npy"
+    out = work / "llmc_gptq_g64"
+    if opts.reuse and (out / "llmcompressor_run.json").exists() and (logs / "llmc_gptq.rusage.json").exists():
+        run = json.loads((out / "llmcompressor_run.json").read_text())
+        ru = json.loads((logs / "llmc_gptq.rusage.json").read_text())
+        return {"key": "llmc_gptq_g64", "label": "llm-compressor GPTQ W4A16 g64 sym (32 x 512)",
+                "grid": "int4_g64_sym", "path": str(out), "wall_s": round(run["seconds"], 1),
+                "command_wall_s": round(ru["wall_s"], 1), "peak_rss_bytes": ru["max_rss_kib"] * 1024, "run": run}
     benchlib.run_measured([sys.executable, str(benchlib.REPO / "scripts" / "calibration_tokens.py"), str(src),
                            "--samples", str(min(32, opts.samples)), "--length", str(opts.length), "-o", str(tokens)],
                           log_dir=logs, tag="llmc_tokens")
-    out = work / "llmc_gptq_g64"
     benchlib.log("llm-compressor GPTQ W4A16 g64 sym")
     measured = benchlib.run_measured([str(python), str(benchlib.REPO / "scripts" / "llmcompressor_gptq.py"), str(src),
                                       str(tokens), "-o", str(out), "--force"], log_dir=logs, tag="llmc_gptq")
@@ -300,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--only", default=None, help="comma-separated substrings of the variant keys to run")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the outputs (and their measured time and memory) of an earlier run in --work; "
+                             "re-evaluate only")
     parser.add_argument("--work", type=Path, default=Path("/tmp/compress-accuracy-algorithms"))
     parser.add_argument("--out", type=Path, default=REPORTS)
     opts = parser.parse_args(argv)
