@@ -77,6 +77,20 @@ def tiny_llama_tok(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path)
     return folder
 
 
+@pytest.fixture(scope="session")
+def model_256(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """A tiny random Llama with rows of 256 (whole K-quant super-blocks), 2 layers, SmolLM2's tokenizer."""
+    from compress.formats.inputs import open_checkpoint
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("m256"), hidden=256, intermediate=512, layers=2,
+                              vocab=49152, seed=5)
+    with open_checkpoint(smollm2_gguf) as reader:
+        for name, source in reader.extra_files().items():
+            if name.startswith("tokenizer"):
+                (folder / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
+    return folder
+
+
 # --- shared by the command-line and export tests ------------------------------------------------------
 
 

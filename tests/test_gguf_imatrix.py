@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_llama, run_cli
+from conftest import run_cli
 
 from compress.calib.importance import calibration_tokens
 from compress.calib.text import CalibrationOptions
@@ -32,20 +32,6 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CALIB = ("--calibration", "default", "--calibration-samples", "4", "--calibration-length", "32")
-
-
-@pytest.fixture(scope="module")
-def model_256(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
-    """A tiny random Llama with rows of 256 (whole K-quant super-blocks), 2 layers, SmolLM2's tokenizer."""
-    from compress.formats.inputs import open_checkpoint
-
-    folder = build_tiny_llama(tmp_path_factory.mktemp("m256"), hidden=256, intermediate=512, layers=2,
-                              vocab=49152, seed=5)
-    with open_checkpoint(smollm2_gguf) as reader:
-        for name, source in reader.extra_files().items():
-            if name.startswith("tokenizer"):
-                (folder / name).write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
-    return folder
 
 
 def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
@@ -149,7 +135,7 @@ def test_optimize_without_matrix_never_worse(tiny_llama_tok: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--algorithm", "gptq"), "--algorithm gptq does not write GGUF files yet"),
+    (("--algorithm", "gptq", "--imatrix", "IM"), "--imatrix gives only each column's importance"),
     (("--save-imatrix", "x.gguf"), "--save-imatrix needs an importance matrix"),
     (("--imatrix", "IM", *CALIB), "--imatrix and --calibration both give"),
 ])

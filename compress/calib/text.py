@@ -94,5 +94,8 @@ def token_samples(ids: torch.Tensor, options: CalibrationOptions, where: str) ->
 
 
 def tokenize(tokenizer: Any, text: CalibrationText) -> torch.Tensor:
-    """int64 [n]: the whole text's token ids (no special tokens: samples are cut from the middle of the text)."""
-    return torch.tensor(tokenizer(text.text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    """int64 [n]: the whole text's token ids (no special tokens: samples are cut from the middle of the text).
+    ``verbose=False``: the text is longer than the model's context by design (the samples are cut to length
+    afterwards), which transformers would otherwise warn about."""
+    ids = tokenizer(text.text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)

@@ -4,9 +4,11 @@ output container before anything is read.
 - folder layouts (bnb, gptq, compressed-tensors, native): ``rtn``, ``optimize`` (calibration-free), ``gptq``
   (calibration: ``--calibration``, samples, length, seed, ``--act-order``);
 - GGUF: ``rtn`` (llama.cpp's reference quantizers), ``optimize`` (llama.cpp's importance-weighted searches with
-  uniform importance), and with an importance matrix -- ``--imatrix FILE`` (llama-imatrix's, or ours) or one
-  computed from ``--calibration`` -- the searches weighted by it, byte-identical to ``llama-quantize --imatrix``
-  (an importance matrix implies ``optimize``); ``--save-imatrix FILE`` writes the matrix used.
+  uniform importance), ``gptq`` (the block scales by the importance-weighted search, the codes by GPTQ, from
+  ``--calibration`` as for folders), and with an importance matrix -- ``--imatrix FILE`` (llama-imatrix's, or
+  ours) or one computed from ``--calibration`` -- the searches weighted by it, byte-identical to
+  ``llama-quantize --imatrix`` (an importance matrix implies ``optimize``); ``--save-imatrix FILE`` writes the
+  matrix used (with ``gptq``: the diagonals of its statistics).
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ class AlgorithmSettings:
                                   fix="Add --algorithm gptq, or drop --calibration.")
             return self
         if self.algorithm == "gptq":
-            raise OptionError("--algorithm gptq does not write GGUF files yet",
-                              fix="For GGUF use an importance matrix: --calibration default (or --imatrix FILE).")
+            if self.imatrix is not None:
+                raise OptionError("--imatrix gives only each column's importance; --algorithm gptq needs the "
+                                  "calibration inputs themselves",
+                                  fix="Drop --imatrix (gptq calibrates on --calibration, default text if absent).")
+            return self if self.calibration is not None else replace(self, calibration=self.sampling)
         if self.imatrix is not None and self.calibration is not None:
             raise OptionError("--imatrix and --calibration both give an importance matrix",
                               fix="Pass one of them.")
@@ -56,4 +61,6 @@ class AlgorithmSettings:
 
     @property
     def uses_importance_matrix(self) -> bool:
-        return self.imatrix is not None or self.calibration is not None
+        """Whether a GGUF run quantizes with importance statistics (GPTQ's are one): llama-quantize's recipe
+        with an importance matrix applies."""
+        return self.imatrix is not None or self.calibration is not None or self.algorithm == "gptq"

@@ -38,7 +38,7 @@ from compress.formats.output import OutputFile, check_output, json_text
 from compress.formats.sink import Encoded, encode_packed
 from compress.metrics import ErrorMetrics, compare
 from compress.pipeline.algorithm import AlgorithmSettings
-from compress.pipeline.execute import execute
+from compress.pipeline.execute import Executor, execute
 from compress.pipeline.quantize import requantized_note
 from compress.pipeline.report import KeptRow, QuantizeReport, TensorRow
 from compress.pipeline.run import RunOptions, json_safe, write_provenance
@@ -192,7 +192,8 @@ class GGUFTensorTask(Task):
     algorithm: str = "rtn"
     importance: torch.Tensor | None = None
 
-    def run(self, ctx: TaskContext) -> TaskResult:
+    def read_planned(self, ctx: TaskContext) -> torch.Tensor:
+        """The tensor as the file stores it (Q/K rows permuted for llama.cpp), on the task's device."""
         planned = self.planned
         w = ctx.read(self.source, self.name)
         if tuple(w.shape) != planned.shape:
@@ -200,7 +201,11 @@ class GGUFTensorTask(Task):
                              where=self.where, fix="The checkpoint is corrupt.")
         if planned.permute_heads is not None:
             w = permute_qk(w, planned.permute_heads)
-        w = w.to(ctx.device)
+        return w.to(ctx.device)
+
+    def run(self, ctx: TaskContext) -> TaskResult:
+        planned = self.planned
+        w = self.read_planned(ctx)
         data, metrics = tensor_bytes(w, planned.qtype, self.measure or self.algorithm != "rtn")
         if data is None:
             raise not_finite(self.name, planned.qtype, self.where)
@@ -427,14 +432,27 @@ def quantize_gguf(request: GGUFRequest, run: RunOptions) -> QuantizeReport:
     settings = request.settings
     with open_model(request.model) as reader:
         plan = plan_gguf(reader, request.method, has_imatrix=settings.uses_importance_matrix)
-        matrix = importance_matrix(request, reader, plan, run)
-        tasks = gguf_tasks(plan, reader, measure=True, algorithm=settings.algorithm, imatrix=matrix)
+        matrix, calibrated, details = None, None, {}
+        if settings.algorithm == "gptq":  # the plan's order is the calibration's: set before the sink is made
+            calibrated, details = gptq_run(request, reader, plan, run)
+        else:
+            matrix = importance_matrix(request, reader, plan, run)
+            tasks = gguf_tasks(plan, reader, measure=True, algorithm=settings.algorithm, imatrix=matrix)
+        infos = {i.name: i for i in reader.infos()}
         rows = GGUFRows()
         with GGUFSink(request.out, force=request.force, reader=reader, params=plan.params, file_type=plan.method,
-                      tensors=plan.tensors) as sink:
-            run.start(f"{request.method} (gguf)", sum(t.nbytes for t in tasks), len(tasks))
-            stats = execute(tasks, sink, rows.add, sources={"model": ModelSource(str(request.model))},
-                    opened={"model": reader}, device=run.device, options=run.executor, progress=run.on_task)
+                      tensors=plan.tensors) as sink, \
+                Executor(run.executor, sources={"model": ModelSource(str(request.model))}, opened={"model": reader},
+                         device=run.device) as executor:
+            run.start(f"{request.method} (gguf{', gptq' if calibrated else ''})",
+                      sum(infos[t.source].nbytes for t in plan.tensors if t.source is not None), len(plan.tensors))
+            if calibrated is not None:
+                calibrated.run(executor, sink, rows.add, progress=run.on_task)
+                calibration = settings.calibration
+                assert calibration is not None
+                matrix = calibrated.importance_matrix(calibration.samples, calibration.length, calibration.source)
+            else:
+                executor.run(tasks, sink, rows.add, progress=run.on_task)
             sink.finish()
             report = gguf_report(plan, reader, rows, sink)
             if settings.algorithm != "rtn":
@@ -446,7 +464,21 @@ def quantize_gguf(request: GGUFRequest, run: RunOptions) -> QuantizeReport:
                               layout="dat" if settings.save_imatrix.suffix == ".dat" else "gguf")
             write_gguf_sidecars(sink.staging, report.as_dict(), report.to_markdown(), run, "quantize", request.model,
                                 {"method": request.method, "parameters": report.parameters, "format": "gguf",
-                                 "importance_matrix": imatrix_provenance(settings, matrix),
-                                 "execution": stats.as_dict()})
+                                 "importance_matrix": imatrix_provenance(settings, matrix), **details,
+                                 "execution": executor.stats.as_dict()})
             sink.commit()
     return report
+
+
+def gptq_run(request: GGUFRequest, reader: CheckpointReader, plan: GGUFPlan,
+             run: RunOptions) -> tuple[Any, dict[str, Any]]:
+    """The calibrated run of ``--algorithm gptq`` (it reorders ``plan``) and what its provenance records."""
+    from compress.calib.importance import calibration_tokens
+    from compress.pipeline.gguf_calibrated import GGUFCalibratedRun
+
+    settings = request.settings
+    assert settings.calibration is not None and settings.gptq is not None
+    tokens, text_sha256 = calibration_tokens(request.model, settings.calibration, [])
+    calibrated = GGUFCalibratedRun(reader, plan, tokens, settings.gptq, run)
+    return calibrated, {"calibration": {**settings.calibration.as_dict(), "sha256": text_sha256},
+                        "gptq": calibrated.provenance()}

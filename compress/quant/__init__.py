@@ -25,9 +25,11 @@ from compress.quant.optimize import optimize_int4, optimize_nf4
 ALGORITHMS = {
     "rtn": "round to nearest on each group's min/max grid (today's bytes, identical to the reference libraries)",
     "optimize": "calibration-free: each group's scale/zero (INT4) or absmax (NF4/FP4) searched to minimise the "
-                "weight error under the layout's constraints; never worse than rtn, tensor by tensor",
-    "gptq": "GPTQ from calibration activations (--calibration): the optimised grid fixed first, then the codes "
-            "rounded column by column with second-order error compensation, block by block through the model",
+                "weight error under the layout's constraints (GGUF: llama.cpp's block searches); never worse than "
+                "rtn, tensor by tensor",
+    "gptq": "GPTQ from calibration activations (--calibration): the optimised grid (GGUF: the block scales "
+            "searched with the activations' importance) fixed first, then the codes rounded column by column with "
+            "second-order error compensation, block by block through the model",
 }
 
 
@@ -81,7 +83,8 @@ METHODS: dict[str, QuantMethod] = {
 # 6 bits or more, fallbacks for rows that are not whole blocks) and is byte-identical to it.
 for _ft in FILE_TYPES.values():
     METHODS[_ft.name] = QuantMethod(name=_ft.name, summary=_ft.summary, config_cls=GGMLConfig, quantize=quantize_ggml,
-                                    default_format="gguf", reference=_ft.reference, algorithms=("rtn", "optimize"))
+                                    default_format="gguf", reference=_ft.reference,
+                                    algorithms=("rtn", "optimize", "gptq"))
 
 QuantConfig = NF4Config | Int4Config | GGMLConfig
 
