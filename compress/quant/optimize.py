@@ -53,8 +53,12 @@ from compress.quant.nf4 import (
 
 EXPAND = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12)  # scale factors above RTN's (1 + e) tried after RTN's
 ZERO_SHIFTS = (-1.0, 1.0)  # integer zeros next to the nearest one
-NF4_FACTORS = (0.90, 0.925, 0.95, 0.975, 1.025, 1.05, 1.075, 1.1)  # absmax factors tried after RTN's 1.0
+# absmax factors tried after RTN's 1.0: only wider ranges. Shrunk ones (0.9..0.975, still covering) never won on
+# SmolLM2 (the same error to the last digit without them), and 2 least-squares rounds keep 99% of what 4 gain:
+# -8.46% weight error against RTN where the old 8 factors and 4 rounds reached -8.52%, in 54% of the time.
+NF4_FACTORS = (1.025, 1.05, 1.075, 1.1)
 REFINE_ROUNDS = 4
+NF4_REFINE_ROUNDS = 2
 
 
 # --- INT4 ----------------------------------------------------------------------------------------------------
@@ -220,7 +224,7 @@ def _search_absmax(x: torch.Tensor, imp: torch.Tensor | None, quant_type: str) -
     for p in NF4_FACTORS:
         a = amax0 * p
         _keep_better(best, _table_error(x, imp, a, table, quant_type)[0], a, allowed=a >= floor)
-    for _ in range(REFINE_ROUNDS):
+    for _ in range(NF4_REFINE_ROUNDS):
         _, q = _table_error(x, imp, best[1], table, quant_type)
         t = table[q.long()]
         num, den = _weighted_sums(x, imp, x * t, t * t)
