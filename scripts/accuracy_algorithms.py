@@ -51,15 +51,22 @@ SMOL = [  # key, label, grid (rows of one grid are compared with its RTN row), c
     ("int4_g64_sym_rtn", "INT4 g64 sym, RTN", "int4_g64_sym", ["--method", "int4", "--group-size", "64", "--sym"]),
     ("int4_g64_sym_gptq32", "INT4 g64 sym, GPTQ (32 x 512)", "int4_g64_sym",
      ["--method", "int4", "--group-size", "64", "--sym", "--algorithm", "gptq", "CALIB32"]),
+    ("int4_g64_sym_gptq32_ao", "INT4 g64 sym, GPTQ act-order (32 x 512)", "int4_g64_sym",
+     ["--method", "int4", "--group-size", "64", "--sym", "--algorithm", "gptq", "--act-order", "CALIB32"]),
     ("nf4_rtn", "NF4 b64, RTN", "nf4", ["--method", "nf4"]),
     ("nf4_opt", "NF4 b64, optimize", "nf4", ["--method", "nf4", "--algorithm", "optimize"]),
     ("nf4_gptq", "NF4 b64, GPTQ", "nf4", ["--method", "nf4", "--algorithm", "gptq", "CALIB"]),
     ("q4_0_rtn", "Q4_0", "q4_0", ["--method", "q4_0", "--format", "gguf"]),
     ("q4_0_imatrix", "Q4_0 + our importance matrix", "q4_0", ["--method", "q4_0", "--format", "gguf", "CALIB",
                                                                "--save-imatrix", "IMATRIX"]),
+    ("q4_0_gptq", "Q4_0, GPTQ", "q4_0", ["--method", "q4_0", "--format", "gguf", "--algorithm", "gptq", "CALIB"]),
     ("q4_k_m_rtn", "Q4_K_M", "q4_k_m", ["--method", "q4_k_m", "--format", "gguf"]),
     ("q4_k_m_imatrix", "Q4_K_M + our importance matrix", "q4_k_m", ["--method", "q4_k_m", "--format", "gguf",
                                                                      "CALIB", "--save-imatrix", "IMATRIX"]),
+    ("q4_k_m_gptq", "Q4_K_M, GPTQ", "q4_k_m", ["--method", "q4_k_m", "--format", "gguf", "--algorithm", "gptq",
+                                               "CALIB"]),
+    ("q4_k_m_gptq_ao", "Q4_K_M, GPTQ act-order", "q4_k_m", ["--method", "q4_k_m", "--format", "gguf",
+                                                             "--algorithm", "gptq", "--act-order", "CALIB"]),
 ]
 MINILM = [
     ("int4_g128_rtn", "INT4 g128 asym, RTN", ["--method", "int4", "--group-size", "128"]),
@@ -67,6 +74,8 @@ MINILM = [
                                                    "optimize"]),
     ("int4_g128_gptq", "INT4 g128 asym, GPTQ", ["--method", "int4", "--group-size", "128", "--algorithm", "gptq",
                                                 "CALIB"]),
+    ("int4_g128_gptq_ao", "INT4 g128 asym, GPTQ act-order", ["--method", "int4", "--group-size", "128",
+                                                             "--algorithm", "gptq", "--act-order", "CALIB"]),
     ("nf4_rtn", "NF4 b64, RTN", ["--method", "nf4"]),
     ("nf4_opt", "NF4 b64, optimize", ["--method", "nf4", "--algorithm", "optimize"]),
     ("nf4_gptq", "NF4 b64, GPTQ", ["--method", "nf4", "--algorithm", "gptq", "CALIB"]),
@@ -300,6 +309,8 @@ def render(d: dict[str, Any]) -> str:
     if ident:
         lines += ["", f"Our Q4_K_M with the importance matrix against llama.cpp's with the same matrix: "
                       f"{json.dumps(ident['identical_to_ours'])}."]
+    if d.get("plot"):
+        lines += ["", f"![perplexity change per variant]({d['plot']})"]
     mini = d.get("minilm", {})
     if mini.get("rows"):
         lines += ["", "## all-MiniLM-L6-v2\n", "| variant | mean cosine | min cosine | time s |",
@@ -307,6 +318,40 @@ def render(d: dict[str, Any]) -> str:
         lines += [f"| {r['label']} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | {r['wall_s']} |"
                   for r in mini["rows"]]
     return "\n".join(lines) + "\n"
+
+
+def plot(d: dict[str, Any], path: Path) -> str | None:
+    """A bar per SmolLM2 variant: perplexity change against float, grouped by grid, RTN rows grey; None when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in d["smollm2"]["rows"] if r.get("delta_pct") is not None]
+    colours = {"rtn": "#9e9e9e", "opt": "#64b5f6", "gptq": "#1565c0", "imatrix": "#2e7d32", "anchor": "#ef6c00"}
+
+    def kind(r: dict[str, Any]) -> str:
+        key = r["key"]
+        if key.startswith(("bnb", "llamacpp", "llmc")):
+            return "anchor"
+        return next((k for k in ("gptq", "imatrix", "opt") if k in key), "rtn")
+
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.2))
+    ys = list(range(len(rows)))[::-1]
+    ax.barh(ys, [r["delta_pct"] for r in rows], color=[colours[kind(r)] for r in rows])
+    ax.set_yticks(ys, [r["label"] for r in rows], fontsize=8)
+    for y, r in zip(ys, rows, strict=True):
+        ax.text(r["delta_pct"] + 0.3, y, f"{r['delta_pct']:+.1f}%", va="center", fontsize=7)
+    ax.set_xlabel(f"perplexity vs float32 ({d['smollm2']['float']['perplexity']:.2f}), %: lower is better")
+    ax.set_title("SmolLM2-135M, 4-bit: RTN (grey), optimize (light blue), GPTQ (blue), imatrix (green), "
+                 "other tools (orange)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     data["seconds"] = time.time() - started
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "accuracy_algorithms.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    data["plot"] = plot(data, opts.out / "accuracy_algorithms.png")
     (opts.out / "accuracy_algorithms.md").write_text(render(data))
     print(render(data))
     return 0

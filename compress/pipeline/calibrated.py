@@ -50,7 +50,7 @@ from compress.pipeline.report import QuantizeReport, TensorRow
 from compress.pipeline.run import RunOptions, write_provenance
 from compress.pipeline.tasks import ModelSource, Task, TaskContext, TaskResult
 from compress.quant import METHODS, describe_config
-from compress.quant.gptq import GPTQConfig, gptq_act_order_groups, gptq_quantize, output_error
+from compress.quant.gptq import GPTQConfig, gptq_act_order_groups, gptq_quantize, output_errors
 from compress.quant.int4 import Int4Config
 
 
@@ -86,7 +86,7 @@ class GPTQWeight(Task):
         else:
             gptq = gptq_quantize(W, H, grid, self.gptq)
         candidates = [("gptq", gptq), ("optimize", grid), ("rtn", rtn)]
-        errors = [output_error(W, qt.dequantize(torch.float32), H) for _, qt in candidates]
+        errors = output_errors(W, [qt.dequantize(torch.float32) for _, qt in candidates], H)
         best = min(range(len(candidates)), key=lambda i: (errors[i], i))
         used, qt = candidates[best]
         packed = FORMATS[self.layout].pack(self.name, qt.to("cpu"))  # type: ignore[attr-defined]

@@ -38,7 +38,7 @@ from compress.pipeline.tasks import Task, TaskContext, TaskResult
 from compress.quant.ggml import GGMLConfig, quantize_ggml
 from compress.quant.ggml_gptq import gptq_ggml
 from compress.quant.ggml_types import GGML_TYPES
-from compress.quant.gptq import GPTQConfig, output_error
+from compress.quant.gptq import GPTQConfig, output_errors
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class GGUFGPTQTask(GGUFTensorTask):
         grid = quantize_ggml(w, config, importance=torch.diagonal(H).clone())
         candidates = [("gptq", gptq_ggml(w, H, grid, self.gptq)), ("imatrix", grid), ("rtn", rtn)]
         decoded = [qt.dequantize(torch.float32) for _, qt in candidates]
-        errors = [output_error(w, d, H) for d in decoded]
+        errors = output_errors(w, decoded, H)
         best = min(range(len(candidates)), key=lambda i: (errors[i], i))
         used, qt = candidates[best]
         rtn_metrics = rtn.error_against(w)

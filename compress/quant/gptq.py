@@ -110,12 +110,19 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, round_column: ColumnRounder,
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """||X (W - W')^T||_F / ||X W^T||_F from H = X^T X: the relative error of the layer's output on the calibration
     inputs (products in float32, sums in float64)."""
-    D = W.float() - W_hat.float()
-    Hf = H.float()
-    num = float(((D @ Hf) * D).sum(dtype=torch.float64))
-    Wf = W.float()
+    return output_errors(W, [W_hat], H)[0]
+
+
+def output_errors(W: torch.Tensor, candidates: list[torch.Tensor], H: torch.Tensor) -> list[float]:
+    """:func:`output_error` of each candidate W' of W (the denominator, one [out, in] x [in, in] product, once)."""
+    Hf, Wf = H.float(), W.float()
     den = float(((Wf @ Hf) * Wf).sum(dtype=torch.float64))
-    return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
+    errors = []
+    for W_hat in candidates:
+        D = Wf - W_hat.float()
+        num = float(((D @ Hf) * D).sum(dtype=torch.float64))
+        errors.append((max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0)
+    return errors
 
 
 # --- the grids of the layouts ---------------------------------------------------------------------------------
