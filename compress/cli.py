@@ -294,18 +294,22 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
 @click.option("--window", type=int, default=1024, show_default=True, help="Tokens per forward pass.")
 @click.option("--stride", type=int, default=None, help="Window step (default: --window, no overlap).")
 @click.option("--embeddings", is_flag=True, help="Encoders: cosine of sentence embeddings against the first model.")
+@click.option("--sentences", type=click.IntRange(min=0), default=12, show_default=True,
+              help="With --embeddings: the first sentence of this many Language Reference topics (0: all 79).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=None,
               help="Also write report.json and report.md into this folder.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="Where the models run (auto: CUDA when available).")
 @output_options
 def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, window: int, stride: int | None,
-             embeddings: bool, out: Path | None, device: str, as_json: bool, quiet: bool, force: bool) -> None:
+             embeddings: bool, sentences: int, out: Path | None, device: str, as_json: bool, quiet: bool,
+             force: bool) -> None:
     """What compression cost, side by side: perplexity of causal LMs, with the KL divergence from the first
     model's next-token distributions and top-1 agreement (or embedding cosine of encoders)."""
     from compress import evaluation
 
-    request = evaluation.EvalRequest(models, text_path, tokens, window, stride, embeddings, out, force)
+    request = evaluation.EvalRequest(models, text_path, tokens, window, stride, embeddings, out, force,
+                                     sentences=sentences)
     with running(device, "1", "local", None, show=not (quiet or as_json)) as run:
         result = evaluation.evaluate(request, run)
     render.evaluated(out_console, result, as_json=as_json, quiet=quiet)

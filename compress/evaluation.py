@@ -58,8 +58,9 @@ def default_text() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
-def default_sentences(n: int = 12) -> list[str]:
-    """The first sentence of ``n`` Language Reference topics: real, fixed, offline."""
+def default_sentences(n: int | None = 12) -> list[str]:
+    """The first sentence of ``n`` Language Reference topics (None: of every topic whose first sentence has six
+    words or more, 79 with CPython 3.11): real, fixed, offline."""
     from pydoc_data.topics import topics
 
     out = []
@@ -386,6 +387,7 @@ class EvalRequest:
     out: Path | None = None
     force: bool = False
     reference_cache_bytes: int = 512 * 2**20  # the first model's scored logits kept for the KL divergence
+    sentences: int = 12  # with embeddings: how many sentences (0: every one default_sentences finds)
 
     def check(self) -> None:
         stride = self.stride or self.window
@@ -461,7 +463,7 @@ class _EvalState:
         return self._perplexity(path, loaded.model, run)
 
     def _embeddings(self, model: Any) -> dict[str, Any]:
-        sentences = default_sentences()
+        sentences = default_sentences(self.request.sentences or None)
         emb = sentence_embeddings(model, self.tokenizer, sentences)
         if self.reference is None:
             self.reference = emb

@@ -232,6 +232,12 @@ def test_embedding_cosine_on_real_minilm(tmp_path: Path, capsys) -> None:
     assert rows[2]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)  # the same model again
     assert 0.9 < rows[1]["mean_cosine"] < 0.999  # algorithms.md: NF4 0.975 on 12 sentences
     assert rows[1]["loader"] == "transformers + bitsandbytes"
+    # --sentences 0: every topic's first sentence (79 with CPython 3.11), the same first 12 among them
+    assert main(["eval", str(model), str(q), "--embeddings", "--sentences", "0", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)["models"]
+    assert every[0]["sentences"] == len(default_sentences(None)) > 50
+    assert default_sentences(None)[:12] == default_sentences()
+    assert 0.9 < every[1]["mean_cosine"] < 0.999
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
