@@ -48,6 +48,11 @@ class RichProgress:
         self.total_tasks, self.done_tasks = total_tasks, 0
         self.task = self.bar.add_task(label, total=total_bytes, tasks=f"0/{total_tasks}")
 
+    def stage(self, text: str) -> None:
+        """Say what the run is doing between tasks (a calibration block's forward passes)."""
+        if self.task is not None:
+            self.bar.update(self.task, description=text)
+
     def advance(self, name: str, nbytes: int) -> None:
         self.done_tasks += 1
         self.bar.update(self.task, advance=nbytes, description=name[-50:],

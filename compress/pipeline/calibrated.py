@@ -160,12 +160,16 @@ class CalibratedRun:
     def run(self, executor: Executor, sink: Any, collect: Any) -> None:
         threads = self.threads
         blocks = iter(self.runner)
+        run, n = self.run_options, self.runner.n_blocks
         for index, entries in enumerate(self.stages):
             with torch_threads(threads):
                 block = next(blocks) if index > 0 else None
+                if block is not None:
+                    run.stage(f"block {index}/{n}: calibration statistics")
                 tasks = stage_tasks(entries, self.plan, block, self.gptq, self.source)
-            values = executor.run(tasks, sink, collect, progress=self.run_options.on_task)
+            values = executor.run(tasks, sink, collect, progress=run.on_task)
             if block is not None:
+                run.stage(f"block {index}/{n}: quantized outputs")
                 with torch_threads(threads):
                     block.finish({name: values[name] for name in block.linears if name in values})
 

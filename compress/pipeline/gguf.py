@@ -447,7 +447,7 @@ def quantize_gguf(request: GGUFRequest, run: RunOptions) -> QuantizeReport:
             run.start(f"{request.method} (gguf{', gptq' if calibrated else ''})",
                       sum(infos[t.source].nbytes for t in plan.tensors if t.source is not None), len(plan.tensors))
             if calibrated is not None:
-                calibrated.run(executor, sink, rows.add, progress=run.on_task)
+                calibrated.run(executor, sink, rows.add, run)
                 calibration = settings.calibration
                 assert calibration is not None
                 matrix = calibrated.importance_matrix(calibration.samples, calibration.length, calibration.source)

@@ -121,13 +121,14 @@ class GGUFCalibratedRun:
                                       "optimize", s.H)
         return GGUFTensorTask(t.source, info.nbytes, self.source, t, info.dtype, self.where, True)
 
-    def run(self, executor: Executor, sink: Any, collect: Any, progress: Any = None) -> None:
+    def run(self, executor: Executor, sink: Any, collect: Any, run: RunOptions) -> None:
         blocks = iter(self.runner)
         last = len(self.stages) - 1
         for index, planned in enumerate(self.stages):
             block = next(blocks) if 0 < index < last else None
             with torch_threads(self.threads):
                 if block is not None:
+                    run.stage(f"block {index}/{last - 1}: calibration statistics")
                     stats = block.statistics()
                 elif index == last:
                     next(blocks, None)  # releases the last block
@@ -135,8 +136,9 @@ class GGUFCalibratedRun:
                 else:
                     stats = {}
                 tasks = [self._task(t, stats) for t in planned]
-            values = executor.run(tasks, sink, collect, progress=progress)
+            values = executor.run(tasks, sink, collect, progress=run.on_task)
             if block is not None:
+                run.stage(f"block {index}/{last - 1}: quantized outputs")
                 with torch_threads(self.threads):
                     block.finish({name: values[name] for name in block.linears if name in values})
 

@@ -30,6 +30,8 @@ class Progress(Protocol):
 
     def advance(self, name: str, nbytes: int) -> None: ...
 
+    def stage(self, text: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -49,6 +51,11 @@ class RunOptions:
     def advance(self, name: str, nbytes: int) -> None:
         if self.progress is not None:
             self.progress.advance(name, nbytes)
+
+    def stage(self, text: str) -> None:
+        """What the run does now, between tasks (e.g. "block 3/30: calibration forward")."""
+        if self.progress is not None:
+            self.progress.stage(text)
 
     @property
     def on_task(self) -> Any:
