@@ -136,6 +136,13 @@ def shard_bytes(text: str) -> int:
                           fix="Use a number with a unit, e.g. 5GB or 500MB.") from e
 
 
+def budget_bytes(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise OptionError(f"--budget {text!r} is not a size", fix="Use a number with a unit, e.g. 20MB.") from e
+
+
 def need_output(out: Path | None, dry_run: bool, what: str = "OUT") -> None:
     if out is None and not dry_run:
         raise OptionError("missing output folder", fix=f"Pass -o {what} (or --dry-run to only see the plan).")
@@ -229,22 +236,48 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
                    "(modules_to_save).")
 @click.option("--dtype", "dtype_choice", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="dtype of the saved factors.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the randomized SVD and of the calibration sample offsets.")
+@click.option("--budget", default=None,
+              help="One size for all LoRA factors (e.g. 20MB): ranks allocated across modules where they remove the "
+                   "most error per stored parameter (activation-weighted with --calibration), capped by --max-rank; "
+                   "written as rank_pattern / alpha_pattern.")
+@click.option("--mean-rank", type=int, default=None,
+              help="As --budget, with the size of this rank in every module.")
+@click.option("--calibration", default=None,
+              help="Activation-aware extraction: a UTF-8 text file, or 'default' (built-in text). The base model runs "
+                   "on it block by block and each module's delta is factored to minimise the error of its output "
+                   "on those inputs, not of its weights.")
+@click.option("--calibration-samples", type=int, default=128, show_default=True,
+              help="Calibration samples drawn from the text.")
+@click.option("--calibration-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the largest possible adapter; write nothing.")
 @run_options
 @output_options
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
-                 dtype_choice: str, seed: int, dry_run: bool, **common: Any) -> None:
+                 dtype_choice: str, seed: int, budget: str | None, mean_rank: int | None, calibration: str | None,
+                 calibration_samples: int, calibration_length: int, dry_run: bool, **common: Any) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
+    from compress.calib.text import CalibrationOptions
     from compress.lowrank.svd import RankRule
-    from compress.pipeline.extract import ExtractOptions, ExtractRequest, dry_run_extract, extract_lora
+    from compress.pipeline.extract import Budget, ExtractOptions, ExtractRequest, dry_run_extract, extract_lora
 
+    if (budget is not None or mean_rank is not None) and not (rank is None and energy is None and sv_threshold is None):
+        raise OptionError("--budget / --mean-rank choose every rank: drop --rank, --energy and --sv-threshold",
+                          fix="Keep --max-rank to cap the ranks the budget may give.")
     rank = 16 if rank is None and energy is None and sv_threshold is None else rank
     rule = checked(lambda: RankRule(rank=rank, energy=energy, sv_threshold=sv_threshold, max_rank=max_rank),
                    "extract-lora")
+    sized = None
+    if budget is not None or mean_rank is not None:
+        size = None if budget is None else budget_bytes(budget)
+        sized = checked(lambda: Budget(bytes=size, mean_rank=mean_rank), "extract-lora")
+    calib = None if calibration is None else checked(
+        lambda: CalibrationOptions(calibration, calibration_samples, calibration_length, seed), "extract-lora")
     options = checked(lambda: ExtractOptions(rule=rule, engine=engine, targets=targets, embeddings=embeddings,
-                                             dtype=getattr(torch, dtype_choice), seed=seed), "extract-lora")
+                                             dtype=getattr(torch, dtype_choice), seed=seed, calibration=calib,
+                                             budget=sized), "extract-lora")
     as_json, quiet, force = common.pop("as_json"), common.pop("quiet"), common.pop("force")
     with running(**common, show=not (quiet or as_json)) as run:
         need_output(out, dry_run, "ADAPTER")

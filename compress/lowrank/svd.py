@@ -18,6 +18,12 @@ randomized engine never needs the full spectrum: the retained fraction of the to
 ``sum_{i<=r} s_i^2 / ||dW||_F^2``. Because every rule is capped by ``max_rank``, the top
 ``max_rank`` values always suffice. By Eckart-Young the best rank-r error is
 ``sqrt(||dW||_F^2 - sum_{i<=r} s_i^2)``.
+
+Activation-aware factors (:func:`low_rank_whitened`, as ASVD / SVD-LLM whiten for compression): with S the
+second moment of a layer's inputs and L its Cholesky factor, the SVD of dW L minimises the error of the layer's
+*output* on those inputs instead of its weights. :func:`allocate_ranks` spends one parameter budget across
+modules by singular value gained per stored parameter; :func:`error_curves` gives every truncation's error
+without forming it.
 """
 
 from __future__ import annotations
@@ -159,3 +165,96 @@ def low_rank(dW: torch.Tensor, rule: RankRule, *, engine: str = "auto", oversamp
     A = root.unsqueeze(1) * Vh[:r]
     return LowRank(A=A.contiguous(), B=B.contiguous(), singular_values=S[:r].clone(), total_energy=total,
                    engine=used)
+
+
+# --- activation-aware (whitened) low rank ---------------------------------------------------------------------
+
+
+def whitening_factor(S: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Lower Cholesky factor L of S + damp * mean(diag S) * I (S = X^T X / n: [in, in], the inputs' second moment),
+    so that ||X M^T||_F^2 / n = ||M L||_F^2 for any M: [out, in]. Inputs no token used (zero diagonal) get a unit
+    diagonal; the dampening grows tenfold until the factorisation succeeds. float32."""
+    S = S.float().clone()
+    diag = torch.diagonal(S)
+    diag[diag == 0] = 1.0
+    mean = float(diag.mean()) or 1.0
+    eye = torch.eye(S.shape[0], device=S.device, dtype=S.dtype)
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(S + damp * (10.0**attempt) * mean * eye)
+        if int(info) == 0:
+            return L
+    raise ValueError("the input statistics are not positive definite even with strong dampening")
+
+
+def low_rank_whitened(dW: torch.Tensor, L: torch.Tensor, rule: RankRule, *, engine: str = "auto",
+                      oversample: int = 16, n_iter: int = 6, seed: int = 0) -> LowRank:
+    """Activation-aware truncated SVD (ASVD / SVD-LLM's whitening): B A minimising ||(dW - B A) L||_F, the error of
+    the layer's output on inputs whose second moment is L L^T (:func:`whitening_factor`), not of its weights.
+
+    SVD of dW L = U diag(s) V^T; B = U_r sqrt(s_r), A = sqrt(s_r) V_r^T L^-1 (a triangular solve). dW: [out, in],
+    L: [in, in] lower. Singular values, energies and the rank rule are those of dW L (output energy):
+    ``eckart_young_rel_error`` is the relative *output* error of the kept rank."""
+    D = dW.float()
+    M = D @ L.float()
+    lr = low_rank(M, rule, engine=engine, oversample=oversample, n_iter=n_iter, seed=seed)
+    A = torch.linalg.solve_triangular(L.float(), lr.A, upper=False, left=False)  # A L = sqrt(s) V^T
+    return LowRank(A=A.contiguous(), B=lr.B, singular_values=lr.singular_values, total_energy=lr.total_energy,
+                   engine=lr.engine)
+
+
+def allocate_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: int,
+                   max_rank: dict[str, int]) -> dict[str, int]:
+    """Ranks for every module under one budget: each module first gets rank 1, then the rest of ``budget`` (in
+    stored parameters) goes, one rank at a time, to the module whose next singular value removes the most error
+    per parameter: s_{r+1}^2 / cost (``costs[m]`` = out + in, the parameters one rank adds; ``spectra[m]`` the
+    module's singular values, descending, at least ``max_rank[m]`` of them unless the matrix is smaller).
+
+    Since each module's gains fall with rank, taking the best ratios in order is the greedy knapsack; a module
+    whose next rank no longer fits takes no more. ValueError when the budget cannot give every module rank 1."""
+    floor = sum(costs[m] for m in spectra)
+    if budget < floor:
+        raise ValueError(f"the budget of {budget:,} parameters is below rank 1 everywhere ({floor:,})")
+    ranks = {m: 1 for m in spectra}
+    left = budget - floor
+    candidates: list[tuple[float, str, int]] = []
+    for m, s in spectra.items():
+        top = min(max_rank[m], s.numel())
+        gains = (s[1:top].double() ** 2 / costs[m]).tolist()
+        candidates += [(g, m, i + 2) for i, g in enumerate(gains)]  # (gain per parameter, module, rank it makes)
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))  # deterministic order on ties
+    closed: set[str] = set()
+    for _, m, r in candidates:
+        if m in closed or r != ranks[m] + 1:
+            continue
+        if costs[m] > left:
+            closed.add(m)
+            continue
+        ranks[m] = r
+        left -= costs[m]
+    return ranks
+
+
+def error_curves(dW: torch.Tensor, lr: LowRank,
+                 S: torch.Tensor | None = None) -> tuple[list[float], list[float] | None]:
+    """The relative errors of B_r A_r (the first r ranks of ``lr``) for every r = 1..rank, without forming them:
+    weight ||dW - B_r A_r||_F / ||dW||_F, and with S (the inputs' second moment [in, in]) output
+    sqrt(tr((dW - B_r A_r) S (dW - B_r A_r)^T) / tr(dW S dW^T)).
+
+    With b_i, a_i the columns of B and rows of A: ||M - sum_{i<=r} b_i a_i||^2 = ||M||^2 - 2 sum_{i<=r} c_i +
+    sum_{i,j<=r} G_ij, c_i = b_i^T M a_i^T and G = (B^T B) * (A A^T) (elementwise); in the S-weighted norm,
+    c_i = b_i^T dW S a_i^T and G = (B^T B) * (A S A^T). Sums in float64."""
+    D, A, B = dW.float(), lr.A.float(), lr.B.float()
+
+    def curve(M_A: torch.Tensor, A_A: torch.Tensor, total: float) -> list[float]:
+        c = (B * (D @ M_A.T)).sum(0).double()  # [r]: b_i^T D (M_A)_i^T
+        G = ((B.T @ B) * A_A).double()
+        block = torch.cumsum(torch.cumsum(G, 0), 1).diagonal()  # sum_{i,j<=r} G_ij
+        err2 = (total - 2 * torch.cumsum(c, 0) + block).clamp(min=0)
+        return ((err2 / total).sqrt() if total > 0 else torch.zeros_like(err2)).tolist()
+
+    weight = curve(A, A @ A.T, float((D.double() ** 2).sum()))
+    if S is None:
+        return weight, None
+    Sf = S.float()
+    AS = A @ Sf
+    return weight, curve(AS, AS @ A.T, float(((D @ Sf) * D).sum(dtype=torch.float64)))

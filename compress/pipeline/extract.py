@@ -8,23 +8,33 @@ then execute; every skipped change is reported, never silently dropped.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from compress.calib.text import CalibrationOptions
 from compress.errors import InputError
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.inputs import open_model
 from compress.formats.output import check_output, write_json
 from compress.formats.peft_adapter import AdapterModule, AdapterSink, AdapterSpec
 from compress.formats.sink import decode, encode
-from compress.lowrank.svd import RankRule, low_rank, pick_engine
+from compress.lowrank.svd import (
+    RankRule,
+    allocate_ranks,
+    error_curves,
+    low_rank,
+    low_rank_whitened,
+    pick_engine,
+    whitening_factor,
+)
 from compress.metrics import frobenius_norm
-from compress.pipeline.execute import execute
+from compress.pipeline.execute import Executor, available_cores
 from compress.pipeline.extract_report import Dropped, ExtractReport, ModuleRow, Unchanged
 from compress.pipeline.plan import EMBEDDING_PATTERN, HEAD_PATTERN, compile_regex, default_choice
+from compress.pipeline.report import human_bytes
 from compress.pipeline.run import RunOptions, json_safe, write_provenance
 from compress.pipeline.tasks import ModelSource, Task, TaskContext, TaskResult
 
@@ -32,8 +42,37 @@ EMBEDDING_MODES = ("skip", "lora", "full")
 
 
 @dataclass(frozen=True)
+class Budget:
+    """One size for all LoRA factors together: ``bytes`` (--budget) or the size of ``mean_rank`` everywhere
+    (--mean-rank); ranks are then allocated across modules (:func:`~compress.lowrank.svd.allocate_ranks`)."""
+
+    bytes: int | None = None
+    mean_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.bytes is None) == (self.mean_rank is None):
+            raise ValueError("give one of --budget or --mean-rank")
+        if self.bytes is not None and self.bytes <= 0:
+            raise ValueError(f"the budget must be positive, got {self.bytes} bytes")
+        if self.mean_rank is not None and self.mean_rank < 1:
+            raise ValueError(f"--mean-rank must be at least 1, got {self.mean_rank}")
+
+    def parameters(self, costs: dict[str, int], itemsize: int) -> int:
+        """The budget in stored factor parameters for modules whose one rank costs ``costs[m]`` parameters."""
+        if self.mean_rank is not None:
+            return sum(self.mean_rank * c for c in costs.values())
+        assert self.bytes is not None
+        return self.bytes // itemsize
+
+    def describe(self) -> str:
+        return f"mean rank {self.mean_rank}" if self.mean_rank is not None else f"budget {human_bytes(self.bytes or 0)}"
+
+
+@dataclass(frozen=True)
 class ExtractOptions:
-    """How to turn deltas into an adapter."""
+    """How to turn deltas into an adapter. ``calibration``: activation-aware SVD on the base model's inputs of
+    each module (dampening ``damp``); ``budget``: ranks allocated across modules under one size (``rule`` then
+    only caps each module, at its ``max_rank``)."""
 
     rule: RankRule
     engine: str = "auto"
@@ -43,11 +82,21 @@ class ExtractOptions:
     seed: int = 0
     oversample: int = 16
     n_iter: int = 6
+    calibration: CalibrationOptions | None = None
+    damp: float = 0.01
+    budget: Budget | None = None
 
     def __post_init__(self) -> None:
         if self.embeddings not in EMBEDDING_MODES:
             raise ValueError(f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}, got {self.embeddings!r}")
         pick_engine(self.engine, (1, 1), 1)  # validates the name
+        if not 0 < self.damp < 1:
+            raise ValueError(f"dampening must be in (0, 1), got {self.damp}")
+
+    @property
+    def task_rule(self) -> RankRule:
+        """The rule each module's task applies: with a budget, every rank up to the cap (trimmed afterwards)."""
+        return RankRule(rank=self.rule.max_rank, max_rank=self.rule.max_rank) if self.budget else self.rule
 
 
 @dataclass(frozen=True)
@@ -159,9 +208,10 @@ class ExtractDelta(Task):
 
     entry: PairPlan
     options: ExtractOptions
+    S: torch.Tensor | None = None  # the second moment X^T X / n [in, in] of the module's calibration inputs
 
     def run(self, ctx: TaskContext) -> TaskResult:
-        entry, options, rule = self.entry, self.options, self.options.rule
+        entry, options, rule = self.entry, self.options, self.options.task_rule
         W_base = ctx.read("base", entry.name).to(ctx.device)
         W_tuned = ctx.read("tuned", entry.name).to(ctx.device)
         base_norm = frobenius_norm(W_base)
@@ -189,12 +239,20 @@ class ExtractDelta(Task):
             return TaskResult([(f"{entry.name}:weight", encode(W_tuned.to("cpu")))], [row])
         embedding = entry.action == "embedding-lora"
         target = dW.T if embedding else dW  # PEFT's embedding delta is (B @ A)^T
-        lr = low_rank(target, rule, engine=options.engine, oversample=options.oversample, n_iter=options.n_iter,
-                      seed=options.seed, total_energy=delta_norm**2)
+        S = None if embedding or self.S is None else self.S.to(ctx.device)
+        if S is not None:  # activation-aware: the error of the module's output on the calibration inputs
+            lr = low_rank_whitened(target, whitening_factor(S, options.damp), rule, engine=options.engine,
+                                   oversample=options.oversample, n_iter=options.n_iter, seed=options.seed)
+        else:
+            lr = low_rank(target, rule, engine=options.engine, oversample=options.oversample, n_iter=options.n_iter,
+                          seed=options.seed, total_energy=delta_norm**2)
         residual = frobenius_norm(torch.addmm(target, lr.B, lr.A, alpha=-1))
+        weight_curve, output_curve = error_curves(target, lr, S) if lr.rank else ([], None)
         row = ModuleRow(module, entry.shape, "embedding-lora" if embedding else "lora", lr.rank, lr.retained_energy,
                         residual / delta_norm, lr.eckart_young_rel_error, delta_rel, lr.A.numel() + lr.B.numel(),
-                        lr.engine)
+                        lr.engine, output_error=output_curve[-1] if output_curve else None,
+                        **({"spectrum": lr.singular_values.cpu(), "total_energy": lr.total_energy,
+                            "weight_curve": weight_curve, "output_curve": output_curve} if options.budget else {}))
         factors = [(f"{entry.name}:A", encode(lr.A.to("cpu", options.dtype))),
                    (f"{entry.name}:B", encode(lr.B.to("cpu", options.dtype)))]
         return TaskResult(factors, [row])
@@ -291,16 +349,24 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
     with open_model(request.base) as base, open_model(request.tuned) as tuned:
         plan = plan_extraction(base, tuned, options)
         rule = options.rule
-        report = ExtractReport(rule={k: v for k, v in vars(rule).items() if v is not None} | {"svd": options.engine},
+        report = ExtractReport(rule={k: v for k, v in vars(rule).items() if v is not None} | {"svd": options.engine}
+                               | ({"budget": options.budget.describe()} if options.budget else {})
+                               | ({"calibration": "activation-aware"} if options.calibration else {}),
                                notes=list(plan.notes))
         tasks = extraction_tasks(plan, options)
         factors = FactorCollector()
+        calibration: dict[str, Any] | None = None
         run.start("extract-lora", sum(t.nbytes for t in tasks), len(tasks))
-        with AdapterSink(out, force=request.force) as sink:
-            stats = execute(tasks, factors, report.add, sources={"base": ModelSource(str(request.base)),
-                                                         "tuned": ModelSource(str(request.tuned))},
-                    opened={"base": base, "tuned": tuned}, device=run.device, options=run.executor,
-                    progress=run.on_task)
+        with AdapterSink(out, force=request.force) as sink, \
+                Executor(run.executor, sources={"base": ModelSource(str(request.base)),
+                                                "tuned": ModelSource(str(request.tuned))},
+                         opened={"base": base, "tuned": tuned}, device=run.device) as executor:
+            if options.calibration is None:
+                executor.run(tasks, factors, report.add, progress=run.on_task)
+            else:
+                calibration = calibrated_extraction(request, base, tasks, executor, factors, report, run)
+            if options.budget is not None:
+                apply_budget(report, factors.tensors, options)
             spec = build_adapter(plan, report, factors.tensors, base, options, str(request.base))
             if not spec.modules:
                 raise InputError("the tuned model does not differ from the base in any extractable module",
@@ -308,9 +374,117 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
             sink.write_adapter(spec)
             write_json(sink.folder / "report.json", json_safe(report.as_dict()))
             (sink.folder / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+            if options.budget is not None:
+                plot_ranks(report, sink.folder / "ranks.png")
             write_provenance(sink.folder / "compress_provenance.json", run, "extract-lora", request.tuned, out,
                              {"base": str(request.base.resolve()), "rule": report.rule, "targets": options.targets,
                               "embeddings": options.embeddings, "dtype": str(options.dtype).removeprefix("torch."),
-                              "seed": options.seed, "execution": stats.as_dict()})
+                              "seed": options.seed, "calibration": calibration,
+                              "execution": executor.stats.as_dict()})
             sink.commit()
     return report
+
+
+def calibrated_extraction(request: ExtractRequest, base: CheckpointReader, tasks: list[ExtractDelta],
+                          executor: Executor, factors: FactorCollector, report: ExtractReport,
+                          run: RunOptions) -> dict[str, Any]:
+    """Run ``tasks`` block by block with the second moment S = X^T X / n of each module's inputs in the *base*
+    model on the calibration text (the base's own block outputs feed the next block); returns what provenance
+    records of the calibration."""
+    from compress.calib.importance import calibration_tokens
+    from compress.calib.runner import CalibrationRunner
+    from compress.evaluation import tokenizer_dir
+    from compress.pipeline.calibrated import block_of, torch_threads
+
+    options = request.options
+    assert options.calibration is not None
+    model = request.base
+    if tokenizer_dir(request.base, []) is None and tokenizer_dir(request.tuned, []) is not None:
+        model = request.tuned  # the same vocabulary: the tuned model's tokenizer files serve the base
+    tokens, text_sha256 = calibration_tokens(model, options.calibration, [])
+    threads = available_cores()  # the forward passes get every core, as in quantize --algorithm gptq
+    with torch_threads(threads):
+        runner = CalibrationRunner(base, tokens, run.device)
+    stages: list[list[ExtractDelta]] = [[] for _ in range(runner.n_blocks + 1)]
+    for task in tasks:
+        stages[block_of(task.entry.name, runner) + 1].append(task)
+    blocks = iter(runner)
+    for index, stage in enumerate(stages):
+        block = next(blocks) if index > 0 else None
+        stats = {}
+        if block is not None:
+            run.stage(f"block {index}/{runner.n_blocks}: calibration statistics")
+            with torch_threads(threads):
+                stats = block.statistics()
+        staged = [replace(t, S=stats[t.name].H / stats[t.name].rows) if t.entry.action == "lora" and t.name in stats
+                  else t for t in stage]
+        executor.run(staged, factors, report.add, progress=run.on_task)
+        if block is not None:
+            run.stage(f"block {index}/{runner.n_blocks}: outputs")
+            with torch_threads(threads):
+                block.finish({})  # the base model's own outputs
+    return {**options.calibration.as_dict(), "sha256": text_sha256, "damp": options.damp}
+
+
+def apply_budget(report: ExtractReport, tensors: dict[str, dict[str, torch.Tensor]], options: ExtractOptions) -> None:
+    """Trim every LoRA module to the rank :func:`~compress.lowrank.svd.allocate_ranks` gives it under the budget
+    (its factors and its report row alike)."""
+    assert options.budget is not None
+    rows = {r.module: r for r in report.rows if r.kind in ("lora", "embedding-lora") and r.rank > 0}
+    if not rows:
+        return
+    costs = {m: r.shape[0] + r.shape[1] for m, r in rows.items()}
+    itemsize = torch.empty(0, dtype=options.dtype).element_size()
+    budget = options.budget.parameters(costs, itemsize)
+    if options.budget.bytes is not None:  # whole tensors (bias deltas, full copies) are part of the size
+        budget -= sum(r.params for r in report.rows if r.kind in ("full", "bias"))
+    try:
+        ranks = allocate_ranks({m: r.spectrum for m, r in rows.items()}, costs, budget,
+                               {m: r.rank for m, r in rows.items()})
+    except ValueError as e:
+        floor = sum(costs.values()) * itemsize
+        raise InputError(f"{e}: the budget cannot give each of the {len(rows)} modules rank 1",
+                         fix=f"Raise --budget to at least {human_bytes(floor)} (or narrow --targets).") from e
+    trimmed = {m: r.truncated(ranks[m]) for m, r in rows.items()}
+    report.rows = [trimmed.get(r.module, r) for r in report.rows]
+    for m, r in ranks.items():
+        parts = tensors[m + ".weight"]
+        parts["A"], parts["B"] = parts["A"][:r].contiguous(), parts["B"][:, :r].contiguous()
+    spent = sum(costs[m] * r for m, r in ranks.items())
+    report.notes.append(f"{options.budget.describe()}: {spent:,} factor parameters ({human_bytes(spent * itemsize)}) "
+                        f"over {len(ranks)} modules, ranks {min(ranks.values())}-{max(ranks.values())} "
+                        f"(mean {spent / sum(costs.values()):.1f} by size); ranks per module in ranks.png")
+
+
+def plot_ranks(report: ExtractReport, path: Path) -> None:
+    """ranks.png: the rank the budget gave each module (layers across, module names down); a note instead when
+    matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        report.notes.append("no ranks.png: matplotlib is not installed (pip install matplotlib)")
+        return
+    import re
+
+    cells: dict[tuple[str, int], int] = {}
+    for r in report.rows:
+        if r.kind in ("lora", "embedding-lora"):
+            m = re.search(r"\.(\d+)\.(.+)$", r.module)
+            layer, kind = (int(m.group(1)), m.group(2)) if m else (-1, r.module)
+            cells[(kind, layer)] = r.rank
+    kinds = sorted({k for k, _ in cells})
+    layers = sorted({la for _, la in cells})
+    grid = [[cells.get((k, la), 0) for la in layers] for k in kinds]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.28 * len(layers) + 2.5), 0.35 * len(kinds) + 1.4))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+    ax.set_xticks(range(len(layers)), [str(la) for la in layers], fontsize=6)
+    ax.set_xlabel("layer")
+    ax.set_title(f"rank per module ({report.rule.get('budget', '')})", fontsize=8)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

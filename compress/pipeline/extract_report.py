@@ -29,6 +29,10 @@ class Dropped:
 
 @dataclass(frozen=True)
 class ModuleRow:
+    """One extracted module. With calibration the SVD runs in the output space (activation-aware): then
+    ``retained_energy`` and ``eckart_young`` are of dW L (the output energy), and ``output_error`` is the measured
+    relative error of the module's output on the calibration inputs; ``rel_error`` is always the weight error."""
+
     module: str
     shape: tuple[int, ...]
     kind: str
@@ -39,12 +43,31 @@ class ModuleRow:
     delta_rel: float  # ||dW||_F / ||W_base||_F
     params: int
     engine: str
+    output_error: float | None = None  # sqrt(tr(E S E^T) / tr(dW S dW^T)), E = dW - B A, with calibration
+    # for a global budget (not serialised): the singular values, ||dW (L)||^2 and the error curves per rank
+    spectrum: Any = None
+    total_energy: float = 0.0
+    weight_curve: Any = None
+    output_curve: Any = None
+
+    def truncated(self, rank: int) -> ModuleRow:
+        """This row with only the first ``rank`` ranks kept (the factors truncated alike)."""
+        from dataclasses import replace
+
+        kept = float((self.spectrum[:rank].double() ** 2).sum())
+        energy = min(kept / self.total_energy, 1.0) if self.total_energy > 0 else 1.0
+        return replace(self, rank=rank, retained_energy=energy, rel_error=self.weight_curve[rank - 1],
+                       eckart_young=max(1.0 - energy, 0.0) ** 0.5, params=self.params * rank // max(self.rank, 1),
+                       output_error=None if self.output_curve is None else self.output_curve[rank - 1])
 
     def as_dict(self) -> dict[str, Any]:
-        return {"module": self.module, "shape": list(self.shape), "kind": self.kind, "rank": self.rank,
-                "retained_energy": self.retained_energy, "rel_error": self.rel_error,
-                "eckart_young_rel_error": self.eckart_young, "delta_rel_to_base": self.delta_rel,
-                "params": self.params, "engine": self.engine}
+        out = {"module": self.module, "shape": list(self.shape), "kind": self.kind, "rank": self.rank,
+               "retained_energy": self.retained_energy, "rel_error": self.rel_error,
+               "eckart_young_rel_error": self.eckart_young, "delta_rel_to_base": self.delta_rel,
+               "params": self.params, "engine": self.engine}
+        if self.output_error is not None:
+            out["output_error"] = self.output_error
+        return out
 
 
 @dataclass
@@ -84,6 +107,9 @@ class ExtractReport:
             "worst_module": worst.module if worst else None,
             "max_rel_error": max((r.rel_error for r in lora), default=0.0),
             "ranks": sorted({r.rank for r in lora}),
+            "mean_rank": sum(r.rank for r in lora) / len(lora) if lora else 0.0,
+            **({"rms_output_error": (sum(r.output_error ** 2 for r in outs) / len(outs)) ** 0.5}
+               if (outs := [r for r in lora if r.output_error is not None]) else {}),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,7 +130,9 @@ class ExtractReport:
             f"({t['adapter_to_delta']:.3f}) |",
             f"| retained energy: mean / worst | {t['mean_retained_energy']:.4f} / {t['worst_retained_energy']:.4f} "
             f"(`{t['worst_module']}`) |",
-            f"| ranks used | {t['ranks']} |", "",
+            f"| ranks used (mean) | {t['ranks']} ({t['mean_rank']:.1f}) |",
+            *([f"| output error on the calibration inputs, rms over modules | {t['rms_output_error']:.4f} |"]
+              if "rms_output_error" in t else []), "",
         ]
         if self.notes:
             lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
@@ -113,11 +141,12 @@ class ExtractReport:
             lines += [f"| `{d.name}` | {d.reason} | {d.delta_rel:.3g} |" for d in self.dropped]
             lines.append("")
         lines += ["## Modules (least retained energy first)", "",
-                  "| module | shape | kind | rank | retained energy | rel. error | Eckart-Young | ‖ΔW‖/‖W‖ | params |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| module | shape | kind | rank | retained energy | weight error | output error | Eckart-Young | "
+                  "‖ΔW‖/‖W‖ | params |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(self.rows, key=lambda r: (r.retained_energy, r.module)):
+            out = f"{r.output_error:.4f}" if r.output_error is not None else "—"
             lines.append(f"| `{r.module}` | {list(r.shape)} | {r.kind} | {r.rank} | {r.retained_energy:.4f} | "
-                         f"{r.rel_error:.4f} | {r.eckart_young:.4f} | {r.delta_rel:.3g} | {r.params:,} |")
+                         f"{r.rel_error:.4f} | {out} | {r.eckart_young:.4f} | {r.delta_rel:.3g} | {r.params:,} |")
         return "\n".join(lines) + "\n"
 
     def rich_tables(self, limit: int = 15) -> list[Any]:
@@ -127,10 +156,12 @@ class ExtractReport:
         table = Table(title="extracted modules, least retained energy first"
                       + (f" (top {limit} of {len(self.rows)})" if len(self.rows) > limit else ""))
         table.add_column("module", overflow="fold", min_width=24)
-        for col in ("kind", "rank", "retained", "rel. error", "‖ΔW‖/‖W‖"):
+        calibrated = any(r.output_error is not None for r in self.rows)
+        for col in ("kind", "rank", "retained", "weight err.", *(["output err."] if calibrated else []), "‖ΔW‖/‖W‖"):
             table.add_column(col, justify="right", no_wrap=True)
         for r in sorted(self.rows, key=lambda r: (r.retained_energy, r.module))[:limit]:
-            table.add_row(r.module, r.kind, str(r.rank), f"{r.retained_energy:.4f}", f"{r.rel_error:.4f}",
+            out = [f"{r.output_error:.4f}" if r.output_error is not None else "—"] if calibrated else []
+            table.add_row(r.module, r.kind, str(r.rank), f"{r.retained_energy:.4f}", f"{r.rel_error:.4f}", *out,
                           f"{r.delta_rel:.3g}")
         summary = Table(title="totals", show_header=False)
         summary.add_column("what")
