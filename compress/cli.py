@@ -251,13 +251,18 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
 @click.option("--calibration-samples", type=int, default=128, show_default=True,
               help="Calibration samples drawn from the text.")
 @click.option("--calibration-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--aware", type=click.Choice(["diagonal", "whitened"]), default="diagonal", show_default=True,
+              help="With --calibration: diagonal (ASVD: each input column weighted by its activations' rms^0.5) or "
+                   "whitened (the output error on the calibration inputs, SVD of dW L; on a real fine-tune it kept "
+                   "less of the improvement than plain SVD).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the largest possible adapter; write nothing.")
 @run_options
 @output_options
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
                  dtype_choice: str, seed: int, budget: str | None, mean_rank: int | None, calibration: str | None,
-                 calibration_samples: int, calibration_length: int, dry_run: bool, **common: Any) -> None:
+                 calibration_samples: int, calibration_length: int, aware: str, dry_run: bool,
+                 **common: Any) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
     from compress.calib.text import CalibrationOptions
     from compress.lowrank.svd import RankRule
@@ -277,7 +282,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
         lambda: CalibrationOptions(calibration, calibration_samples, calibration_length, seed), "extract-lora")
     options = checked(lambda: ExtractOptions(rule=rule, engine=engine, targets=targets, embeddings=embeddings,
                                              dtype=getattr(torch, dtype_choice), seed=seed, calibration=calib,
-                                             budget=sized), "extract-lora")
+                                             budget=sized, aware=aware), "extract-lora")
     as_json, quiet, force = common.pop("as_json"), common.pop("quiet"), common.pop("force")
     with running(**common, show=not (quiet or as_json)) as run:
         need_output(out, dry_run, "ADAPTER")

@@ -6,7 +6,7 @@
   curves equal the errors of the truncated products; the allocation spends at most the budget, gives every module
   rank 1 first and then follows the singular values' gain per parameter.
 - Through the CLI on a tiny Llama with a real tokenizer: the report's output errors are recomputed here from the
-  calibration runner's own statistics, the calibrated adapter's output errors beat the plain one's, budgeted ranks
+  calibration runner's own statistics, the whitened adapter's output errors beat the plain one's, budgeted ranks
   vary and their sizes add up, PEFT loads the adapter with its rank_pattern and reproduces base + B A, the bytes
   are identical across runs and executors, and bad budgets end with one line, exit 2 and nothing written.
 """
@@ -140,8 +140,11 @@ def products(folder: Path) -> dict[str, torch.Tensor]:
 def test_calibrated_extraction_lowers_the_output_error(tiny_llama_tok: Path, tuned: Path, tmp_path: Path,
                                                       capsys) -> None:
     plain = extract(capsys, tiny_llama_tok, tuned, tmp_path / "plain", "--rank", "4")
-    calib = extract(capsys, tiny_llama_tok, tuned, tmp_path / "calib", "--rank", "4", *CALIB)
-    assert "output_error" not in plain["modules"][0] and calib["rule"]["calibration"] == "activation-aware"
+    calib = extract(capsys, tiny_llama_tok, tuned, tmp_path / "calib", "--rank", "4", *CALIB, "--aware", "whitened")
+    diag = extract(capsys, tiny_llama_tok, tuned, tmp_path / "diag", "--rank", "4", *CALIB)
+    assert "output_error" not in plain["modules"][0]
+    assert calib["rule"]["calibration"] == "activation-aware (whitened)"
+    assert diag["rule"]["calibration"] == "activation-aware (diagonal)"
     provenance = json.loads((tmp_path / "calib" / "compress_provenance.json").read_text())
     assert provenance["calibration"]["samples"] == 4 and provenance["calibration"]["length"] == 32
 
@@ -171,7 +174,10 @@ def test_calibrated_extraction_lowers_the_output_error(tiny_llama_tok: Path, tun
     for module, row in rows.items():
         assert row["output_error"] == pytest.approx(out_err(module, calib_products[module]), rel=1e-3)
         better += out_err(module, calib_products[module]) < out_err(module, plain_products[module])
-    assert better == 14
+    assert better == 14  # whitened: the least output error at its rank
+    diag_products = products(tmp_path / "diag")
+    for row in diag["modules"]:  # diagonal scaling: the report's output errors are the true ones too
+        assert row["output_error"] == pytest.approx(out_err(row["module"], diag_products[row["module"]]), rel=1e-3)
 
 
 def test_budget_allocates_ranks_and_peft_loads_them(tiny_llama_tok: Path, tuned: Path, tmp_path: Path,

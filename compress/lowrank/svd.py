@@ -186,6 +186,14 @@ def whitening_factor(S: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     raise ValueError("the input statistics are not positive definite even with strong dampening")
 
 
+def activation_scaling(S: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """ASVD's diagonal scaling (Yuan et al. 2023): diag(S_jj^(alpha/2)) normalised to mean 1, [in, in] float32 -- each
+    input column weighted by its activations' rms to the power alpha, their correlations ignored. Used in place of
+    :func:`whitening_factor` by :func:`low_rank_whitened`."""
+    d = torch.diagonal(S.float()).clamp(min=1e-30) ** (alpha / 2)
+    return torch.diag(d / d.mean())
+
+
 def low_rank_whitened(dW: torch.Tensor, L: torch.Tensor, rule: RankRule, *, engine: str = "auto",
                       oversample: int = 16, n_iter: int = 6, seed: int = 0) -> LowRank:
     """Activation-aware truncated SVD (ASVD / SVD-LLM's whitening): B A minimising ||(dW - B A) L||_F, the error of
