@@ -179,7 +179,8 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 def quantize(model: Path, out: Path | None, method: str, format_name: str | None, block_size: int,
              double_quant: bool, group_size: int, symmetric: bool, include: str | None, exclude: str | None,
              dry_run: bool, shard_size: str, **common: Any) -> None:
-    """Quantize the Linear weights of MODEL (HF folder, .safetensors or .gguf) to 4 bits."""
+    """Quantize the Linear weights of MODEL (HF folder, .safetensors or .gguf) to 4 bits (NF4, FP4, INT4 in a
+    folder) or to a llama.cpp file type (4 to 8 bits, --format gguf)."""
     from compress.pipeline import calibrated, gguf
     from compress.pipeline import quantize as q
 
@@ -288,7 +289,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
         need_output(out, dry_run, "ADAPTER")
         request = ExtractRequest(base_path, tuned_path, out, options, force)
         if dry_run:
-            return render.extract_plan(out_console, dry_run_extract(request), rule, as_json)
+            return render.extract_plan(out_console, dry_run_extract(request), rule, as_json, sized)
         report = extract_lora(request, run)
     render.result(out_console, out, report, report.adapter_bytes, as_json=as_json, quiet=quiet)  # type: ignore[arg-type]
 

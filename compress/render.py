@@ -130,7 +130,7 @@ def gguf_plan(console: Console, plan: Any, infos: list[Any], as_json: bool) -> N
                   "(plus GGUF metadata and the tokenizer)")
 
 
-def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool) -> None:
+def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: Any = None) -> None:
     rows = [{"name": e.name, "shape": list(e.shape), "action": e.action, "reason": e.reason} for e in plan.entries]
     bound = plan.max_adapter_params(rule)
     if as_json:
@@ -144,7 +144,10 @@ def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool) -> None:
     for r in rows:
         table.add_row(r["name"], "×".join(map(str, r["shape"])), r["action"], r["reason"])
     console.print(table)
-    console.print(f"at most {bound:,} adapter parameters under {rule}")
+    if budget is not None:
+        console.print(f"ranks allocated after the SVDs under {budget.describe()}, each at most {rule.max_rank}")
+    else:
+        console.print(f"at most {bound:,} adapter parameters under {rule.describe()}")
     notes(console, plan.notes)
 
 

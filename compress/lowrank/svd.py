@@ -62,6 +62,16 @@ class RankRule:
         if self.max_rank < 1:
             raise ValueError(f"max rank must be at least 1, got {self.max_rank}")
 
+    def describe(self) -> str:
+        """The rule in the command line's words, e.g. 'rank 16 (at most 256)'."""
+        if self.rank is not None:
+            what = f"rank {self.rank}"
+        elif self.energy is not None:
+            what = f"energy {self.energy:g}"
+        else:
+            what = f"singular values above {self.sv_threshold:g}"
+        return f"{what} (at most {self.max_rank})"
+
     def upper_bound(self, shape: tuple[int, int]) -> int:
         """The most singular values this rule can keep for a matrix of ``shape``."""
         cap = min(self.max_rank, *shape)

@@ -358,7 +358,9 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
     with open_model(request.base) as base, open_model(request.tuned) as tuned:
         plan = plan_extraction(base, tuned, options)
         rule = options.rule
-        report = ExtractReport(rule={k: v for k, v in vars(rule).items() if v is not None} | {"svd": options.engine}
+        report = ExtractReport(rule={k: v for k, v in vars(rule).items()
+                                     if v is not None and not (options.budget and k == "rank")}
+                               | {"svd": options.engine}
                                | ({"budget": options.budget.describe()} if options.budget else {})
                                | ({"calibration": f"activation-aware ({options.aware})"}
                                   if options.calibration else {}),
