@@ -226,3 +226,11 @@ def test_bad_budget_and_calibration(tiny_llama_tok: Path, tuned: Path, tmp_path:
     r = run_cli(capsys, "extract-lora", "--base", tiny_llama_tok, "--tuned", tuned, "-o", out, *args)
     assert r.rc == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, r.err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_says_the_rule_in_words(tiny_llama_tok: Path, tuned: Path, tmp_path: Path, capsys) -> None:
+    for args, words in ((("--rank", "8"), "under rank 8 (at most 256)"),
+                        (("--mean-rank", "8"), "ranks allocated after the SVDs under mean rank 8, each at most 256")):
+        r = run_cli(capsys, "extract-lora", "--base", tiny_llama_tok, "--tuned", tuned, "--dry-run", *args)
+        assert r.rc == 0 and words in " ".join(r.out.split()) and "RankRule(" not in r.out, r.out
+    assert list(tmp_path.iterdir()) == []
