@@ -7,7 +7,8 @@ unmerged), then scored on the held-out blocks (Language Reference topics the fin
 text is compress' built-in one, standard-library docstrings, disjoint from both):
 
 - plain: truncated SVD of each delta, the same rank everywhere (``--rank r``);
-- activation-aware: SVD of dW L on the base model's inputs (``--rank r --calibration default``);
+- activation-aware: the default ASVD diagonal scaling of the inputs (``--rank r --calibration default``), and the
+  whitened form, SVD of dW L, the least output error on the base model's inputs (``--aware whitened``);
 - budgeted: ranks allocated across modules under the size of rank r everywhere (``--mean-rank r``);
 - activation-aware + budgeted (``--mean-rank r --calibration default``).
 
@@ -52,7 +53,9 @@ ft = real.ft
 
 VARIANTS = [  # key, label, arguments given a rank and the calibration arguments
     ("plain", "plain SVD, rank r everywhere", lambda r, c: ["--rank", str(r)]),
-    ("aware", "activation-aware, rank r everywhere", lambda r, c: ["--rank", str(r), *c]),
+    ("aware", "activation-aware (diagonal, the default), rank r everywhere", lambda r, c: ["--rank", str(r), *c]),
+    ("whitened", "activation-aware whitened (output error), rank r everywhere",
+     lambda r, c: ["--rank", str(r), *c, "--aware", "whitened"]),
     ("budget", "budgeted (size of rank r)", lambda r, c: ["--mean-rank", str(r)]),
     ("aware_budget", "activation-aware + budgeted", lambda r, c: ["--mean-rank", str(r), *c]),
 ]
