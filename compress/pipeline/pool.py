@@ -149,6 +149,11 @@ class ProcessPool:
         for process in list(self.processes.values()):
             with contextlib.suppress(Exception):
                 process.terminate()
+        # The executor's call queue has a feeder thread that the interpreter joins at exit; with its readers (the
+        # workers) gone it can stay blocked on a full pipe, and the process would hang after Ctrl-C instead of
+        # exiting. Nothing queued there needs delivering any more.
+        with contextlib.suppress(Exception):
+            self.pool._call_queue.cancel_join_thread()  # type: ignore[attr-defined]
         self.pool.shutdown(wait=False, cancel_futures=True)
         for process in list(self.processes.values()):  # including one started meanwhile
             with contextlib.suppress(Exception):
