@@ -256,13 +256,16 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
               help="With --calibration: diagonal (ASVD: each input column weighted by its activations' rms^0.5) or "
                    "whitened (the output error on the calibration inputs, SVD of dW L; on a real fine-tune it kept "
                    "less of the improvement than plain SVD).")
+@click.option("--lora-only", is_flag=True,
+              help="Write LoRA factors only: changed norm weights and other vectors of non-target modules, kept "
+                   "whole (modules_to_save) by default, are left out and reported (for vLLM, which loads LoRA only).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the largest possible adapter; write nothing.")
 @run_options
 @output_options
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
                  dtype_choice: str, seed: int, budget: str | None, mean_rank: int | None, calibration: str | None,
-                 calibration_samples: int, calibration_length: int, aware: str, dry_run: bool,
+                 calibration_samples: int, calibration_length: int, aware: str, lora_only: bool, dry_run: bool,
                  **common: Any) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
     from compress.calib.text import CalibrationOptions
@@ -283,7 +286,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
         lambda: CalibrationOptions(calibration, calibration_samples, calibration_length, seed), "extract-lora")
     options = checked(lambda: ExtractOptions(rule=rule, engine=engine, targets=targets, embeddings=embeddings,
                                              dtype=getattr(torch, dtype_choice), seed=seed, calibration=calib,
-                                             budget=sized, aware=aware), "extract-lora")
+                                             budget=sized, aware=aware, lora_only=lora_only), "extract-lora")
     as_json, quiet, force = common.pop("as_json"), common.pop("quiet"), common.pop("force")
     with running(**common, show=not (quiet or as_json)) as run:
         need_output(out, dry_run, "ADAPTER")

@@ -11,8 +11,8 @@ A real fine-tune delta to measure ``compress extract-lora`` on (``scripts/extrac
   between topics) and packed into ``--block``-token blocks. The held-out blocks are never trained on.
 - Full fine-tune (``WORK/full``): AdamW, float32 throughout. By default only the Linear weights of
   the transformer blocks train (q/k/v/o/gate/up/down); embeddings (tied with lm_head) and norms are
-  frozen, so the whole delta lies where a LoRA adapter can represent it (``--full-params all``
-  trains everything).
+  frozen, so the whole delta lies where a LoRA adapter can represent it (``--full-params linear+norms``
+  trains the RMSNorm weights too, embeddings still frozen; ``--full-params all`` trains everything).
 - LoRA fine-tune: PEFT LoRA on the same seven Linear modules of every block, rank ``--lora-r``,
   alpha ``--lora-alpha``, same data, steps and batch; the adapter is kept (``WORK/lora_adapter``)
   and merged into the base (``merge_and_unload``, float32) as ``WORK/lora_merged``.
@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="blocks per step")
     p.add_argument("--block", type=int, default=256, help="tokens per block")
     p.add_argument("--full-lr", type=float, default=5e-5)
-    p.add_argument("--full-params", choices=["linear", "all"], default="linear",
-                   help="linear: only the blocks' Linear weights train; all: every parameter")
+    p.add_argument("--full-params", choices=["linear", "linear+norms", "all"], default="linear",
+                   help="linear: only the blocks' Linear weights train; linear+norms: the RMSNorm weights too "
+                        "(embeddings frozen); all: every parameter")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16)
     p.add_argument("--lora-lr", type=float, default=1e-3)
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         names = []
         for name, prm in model.named_parameters():
             train_it = args.full_params == "all" or (
-                prm.dim() == 2 and ".layers." in name and name.rsplit(".", 2)[-2] in LINEAR_MODULES)
+                prm.dim() == 2 and ".layers." in name and name.rsplit(".", 2)[-2] in LINEAR_MODULES) or (
+                args.full_params == "linear+norms" and prm.dim() == 1 and "norm" in name)
             prm.requires_grad_(train_it)
             if train_it:
                 names.append(name)

@@ -490,33 +490,45 @@ def qwen2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
     return base, tuned, deltas
 
 
-def test_bias_deltas_travel_with_lora_bias(qwen2, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("lora_only", [False, True], ids=["default", "lora-only"])
+def test_bias_deltas_travel_with_lora_bias(qwen2, tmp_path: Path, capsys, lora_only: bool) -> None:
     base, tuned, deltas = qwen2
-    out = extract(capsys, base, tuned, tmp_path / "adapter", "--rank", "4")
+    out = extract(capsys, base, tuned, tmp_path / "adapter", "--rank", "4", *(["--lora-only"] if lora_only else []))
     tensors, config, report = adapter_of(out)
     assert config["lora_bias"] is True
-    assert set(tensors) == {f"{P}{m}.lora_{x}" for m in (Q0, V1) for x in ("A.weight", "B.weight", "B.bias")}
+    lora = {f"{P}{m}.lora_{x}" for m in (Q0, V1) for x in ("A.weight", "B.weight", "B.bias")}
+    norm_module = NORM1.removesuffix(".weight")
     for module in (Q0, V1):
         assert rel(lora_product(tensors, module), deltas[f"{module}.weight"]) < 1e-5
         torch.testing.assert_close(tensors[f"{P}{module}.lora_B.bias"].double(),
                                    stored_delta(base, tuned, f"{module}.bias"), rtol=0, atol=1e-7)
     assert report["totals"]["bias_deltas"] == 2
-    # Changes LoRA cannot carry are listed with their reason, never silently lost.
+    # Changes LoRA cannot carry are listed with their reason, never silently lost. The changed norm scale is
+    # kept whole (modules_to_save, bit for bit the tuned one) unless --lora-only.
     dropped = {d["name"]: d for d in report["dropped"]}
-    assert set(dropped) == {f"{K0}.bias", NORM1}
     assert dropped[f"{K0}.bias"]["reason"] == "bias changed but its weight did not"
-    assert dropped[NORM1]["reason"] == "not a weight matrix"
-    norm = tensors_of(base)[NORM1].double()
-    assert dropped[NORM1]["delta_rel_to_base"] == pytest.approx(float(stored_delta(base, tuned, NORM1).norm()
-                                                                      / norm.norm()), rel=1e-6)
-    # PEFT: the adapted model is the tuned one minus the two dropped changes.
+    if lora_only:
+        assert set(tensors) == lora and config["modules_to_save"] is None
+        assert set(dropped) == {f"{K0}.bias", NORM1}
+        assert dropped[NORM1]["reason"] == "vector (--lora-only)"
+        norm = tensors_of(base)[NORM1].double()
+        assert dropped[NORM1]["delta_rel_to_base"] == pytest.approx(float(stored_delta(base, tuned, NORM1).norm()
+                                                                          / norm.norm()), rel=1e-6)
+    else:
+        assert set(tensors) == lora | {f"{P}{NORM1}"} and config["modules_to_save"] == [norm_module]
+        assert torch.equal(tensors[f"{P}{NORM1}"], tensors_of(tuned)[NORM1])
+        assert set(dropped) == {f"{K0}.bias"}
+        assert report["totals"]["modules_saved_whole"] == 1
+        assert any("kept whole in modules_to_save" in n for n in report["notes"])
+    # PEFT: the adapted model is the tuned one minus the dropped changes.
     model = load_peft(base, out)
     assert model.get_submodule(f"{P}{Q0}").lora_B["default"].bias is not None
     expected = load_lm(tuned)
     originals = tensors_of(base)
     with torch.no_grad():
         expected.get_submodule(K0).bias.copy_(originals[f"{K0}.bias"])
-        expected.get_submodule(NORM1.removesuffix(".weight")).weight.copy_(originals[NORM1])
+        if lora_only:
+            expected.get_submodule(norm_module).weight.copy_(originals[NORM1])
     reference = logits(expected)
     assert float((logits(load_lm(tuned)) - reference).abs().max()) > 1e-3  # the dropped changes matter
     assert float((logits(model) - reference).abs().max()) < 2e-5
@@ -733,9 +745,12 @@ def test_dry_run_json_lists_actions_and_writes_nothing(planted: Planted, dense: 
     linear = linear_names(base)
     assert {n for n, a in actions.items() if a == "lora"} == set(linear)
     assert {n for n, a in actions.items() if a != "lora"} == set(base) - set(linear)
-    assert all(a == "check" for n, a in actions.items() if n not in linear)
+    # Vectors (norm scales) would be kept whole if changed; other matrices are only checked.
+    assert all(a == ("whole" if base[n].dim() == 1 else "check") for n, a in actions.items() if n not in linear)
+    assert any(a == "whole" for a in actions.values())
     assert {t["name"]: t["shape"] for t in plan["tensors"]} == {n: list(t.shape) for n, t in base.items()}
-    expected = sum(min(100, *base[n].shape) * sum(base[n].shape) for n in linear)
+    expected = (sum(min(100, *base[n].shape) * sum(base[n].shape) for n in linear)
+                + sum(t.numel() for t in base.values() if t.dim() == 1))
     assert plan["max_adapter_params"] == expected
     assert plan["only_in_base"] == plan["only_in_tuned"] == []
 

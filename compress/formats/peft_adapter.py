@@ -426,10 +426,11 @@ class AdapterModule:
 
     module: str
     kind: str
-    A: torch.Tensor | None = None  # [r, in] (linear) or [r, vocab] (embedding)
+    A: torch.Tensor | None = None  # [r, in] (linear), [r, vocab] (embedding), [r, in/g] (QA-LoRA)
     B: torch.Tensor | None = None  # [out, r] (linear) or [dim, r] (embedding)
     bias: torch.Tensor | None = None  # [out]: the bias delta, only for linear
     weight: torch.Tensor | None = None  # full tensor for modules_to_save
+    whole: dict[str, torch.Tensor] | None = None  # modules_to_save: further parameters by leaf name ('bias')
 
     @property
     def rank(self) -> int:
@@ -449,8 +450,11 @@ class AdapterModule:
             out[f"{p}.lora_embedding_A"] = self.A
             out[f"{p}.lora_embedding_B"] = self.B
         else:
-            assert self.weight is not None
-            out[f"{p}.weight"] = self.weight
+            assert self.weight is not None or self.whole
+            if self.weight is not None:
+                out[f"{p}.weight"] = self.weight
+            for leaf, tensor in sorted((self.whole or {}).items()):
+                out[f"{p}.{leaf}"] = tensor
         return out
 
 

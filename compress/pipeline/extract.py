@@ -91,6 +91,9 @@ class ExtractOptions:
     # output error on the calibration inputs). On SmolLM2's real fine-tune full whitening kept less of the held-out
     # improvement than plain SVD (rank 8: 0.716 against 0.758), the diagonal scaling a little more (0.763).
     aware: str = "diagonal"
+    # Small changed tensors of modules that are not LoRA targets (norm weights, their biases) are kept whole in
+    # modules_to_save, as mergekit keeps them: PEFT loads them. lora_only leaves them out (vLLM accepts LoRA only).
+    lora_only: bool = False
 
     def __post_init__(self) -> None:
         if self.embeddings not in EMBEDDING_MODES:
@@ -100,6 +103,9 @@ class ExtractOptions:
             raise ValueError(f"dampening must be in (0, 1), got {self.damp}")
         if self.aware not in AWARE_MODES:
             raise ValueError(f"--aware must be one of {', '.join(AWARE_MODES)}, got {self.aware!r}")
+        if self.lora_only and self.embeddings == "full":
+            raise ValueError("--lora-only writes LoRA factors only, but --embeddings full saves whole tensors; "
+                             "use --embeddings lora or skip")
 
     @property
     def task_rule(self) -> RankRule:
@@ -113,7 +119,7 @@ class PairPlan:
 
     name: str
     shape: tuple[int, ...]
-    action: str  # lora | embedding-lora | full | bias | check (reported if changed) | skip
+    action: str  # lora | embedding-lora | full | whole | bias | check (reported if changed) | skip
     reason: str
 
 
@@ -130,7 +136,7 @@ class ExtractPlan:
             if e.action in ("lora", "embedding-lora"):
                 r = rule.upper_bound((e.shape[0], e.shape[1]))
                 total += r * (e.shape[0] + e.shape[1])
-            elif e.action in ("full", "bias"):
+            elif e.action in ("full", "whole", "bias"):
                 total += math.prod(e.shape)
         return total
 
@@ -197,11 +203,15 @@ def plan_extraction(base: CheckpointReader, tuned: CheckpointReader, options: Ex
             if action in ("lora", "embedding-lora"):
                 target_modules.add(name.removesuffix(".weight"))
             plan.entries.append(PairPlan(name, t.shape, action, reason))
+        elif len(t.shape) <= 1 and not embedding_like:
+            # Norm weights and other vectors: a few KiB, no LoRA can carry them, PEFT takes them whole.
+            plan.entries.append(PairPlan(name, t.shape, "check", "vector (--lora-only)") if options.lora_only else
+                                PairPlan(name, t.shape, "whole", "vector kept whole if changed (modules_to_save)"))
         else:
             plan.entries.append(PairPlan(name, t.shape, "check", "not a weight matrix"))
     # Bias deltas of target modules travel with the adapter (lora_bias); others are only checked.
     for i, e in enumerate(plan.entries):
-        if e.action == "check" and e.name.endswith(".bias") and e.name.removesuffix(".bias") in target_modules:
+        if e.action in ("check", "whole") and e.name.endswith(".bias") and e.name.removesuffix(".bias") in target_modules:
             plan.entries[i] = PairPlan(e.name, e.shape, "bias", "bias of a target module (lora_bias)")
     if plan.only_in_base or plan.only_in_tuned:
         plan.notes.append(f"{len(plan.only_in_base)} tensors only in the base and {len(plan.only_in_tuned)} only in "
@@ -225,7 +235,7 @@ class ExtractDelta(Task):
         base_norm = frobenius_norm(W_base)
         dW = W_tuned.to(torch.float32, copy=True).sub_(W_base)  # the values of W_tuned.float() - W_base.float()
         del W_base
-        if entry.action != "full":
+        if entry.action not in ("full", "whole"):
             del W_tuned  # only a full copy needs it; the SVD's memory is the delta's
         # A NaN or inf anywhere makes the float64 sum of squares non-finite (finite float32 squares cannot
         # overflow it), so the norm doubles as the finiteness check without another pass.
@@ -245,6 +255,9 @@ class ExtractDelta(Task):
         if entry.action == "full":
             row = ModuleRow(module, entry.shape, "full", 0, 1.0, 0.0, 0.0, delta_rel, W_tuned.numel(), "-")
             return TaskResult([(f"{entry.name}:weight", encode(W_tuned.to("cpu")))], [row])
+        if entry.action == "whole":
+            row = ModuleRow(entry.name, entry.shape, "full", 0, 1.0, 0.0, 0.0, delta_rel, W_tuned.numel(), "-")
+            return TaskResult([(f"{entry.name}:whole", encode(W_tuned.to("cpu")))], [row])
         embedding = entry.action == "embedding-lora"
         target = dW.T if embedding else dW  # PEFT's embedding delta is (B @ A)^T
         S = None if embedding or self.S is None else self.S.to(ctx.device)
@@ -295,9 +308,13 @@ def build_adapter(plan: ExtractPlan, report: ExtractReport, tensors: dict[str, d
         parts = tensors.get(entry.name)
         if not parts:
             continue
-        module = entry.name.rsplit(".", 1)[0]
+        module, leaf = entry.name.rsplit(".", 1)
         if "bias" in parts:
             biases[module] = (parts["bias"], rows[entry.name].delta_rel)
+        elif "whole" in parts:
+            kept = modules.setdefault(module, AdapterModule(module, "full", whole={}))
+            assert kept.whole is not None
+            kept.whole[leaf] = parts["whole"]
         elif "weight" in parts:
             modules[module] = AdapterModule(module, "full", weight=parts["weight"])
         else:
@@ -324,6 +341,12 @@ def build_adapter(plan: ExtractPlan, report: ExtractReport, tensors: dict[str, d
         reason = "its weight kept rank 0 under the rank rule" if rank_zero else "bias changed but its weight did not"
         report.dropped.append(Dropped(module + ".bias", reason, delta_rel))
         report.rows = [r for r in report.rows if r.module != module + ".bias"]
+    whole = [m for m in modules.values() if m.kind == "full" and m.whole]
+    if whole:
+        size = sum(t.numel() * t.element_size() for m in whole for t in m.tensors().values())
+        report.notes.append(f"{len(whole)} modules with changed vectors (norm weights, ...) kept whole in "
+                            f"modules_to_save ({human_bytes(size)}; PEFT loads them, vLLM does not: --lora-only "
+                            "leaves them out)")
     if capped:
         report.notes.append(f"--rank {rule.rank} exceeds the smaller side of {capped} matrices: their rank was capped "
                             "at min(out, in), which represents the delta exactly")
