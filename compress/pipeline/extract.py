@@ -211,7 +211,8 @@ def plan_extraction(base: CheckpointReader, tuned: CheckpointReader, options: Ex
             plan.entries.append(PairPlan(name, t.shape, "check", "not a weight matrix"))
     # Bias deltas of target modules travel with the adapter (lora_bias); others are only checked.
     for i, e in enumerate(plan.entries):
-        if e.action in ("check", "whole") and e.name.endswith(".bias") and e.name.removesuffix(".bias") in target_modules:
+        if e.action in ("check", "whole") and e.name.endswith(".bias") \
+                and e.name.removesuffix(".bias") in target_modules:
             plan.entries[i] = PairPlan(e.name, e.shape, "bias", "bias of a target module (lora_bias)")
     if plan.only_in_base or plan.only_in_tuned:
         plan.notes.append(f"{len(plan.only_in_base)} tensors only in the base and {len(plan.only_in_tuned)} only in "
