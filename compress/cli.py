@@ -256,6 +256,14 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
               help="With --calibration: diagonal (ASVD: each input column weighted by its activations' rms^0.5) or "
                    "whitened (the output error on the calibration inputs, SVD of dW L; on a real fine-tune it kept "
                    "less of the improvement than plain SVD).")
+@click.option("--quantized-base", "quantized_base", type=click.Path(path_type=Path), default=None,
+              help="QA-LoRA form: the group-wise INT4 model made from --base (ours, or a GPTQ checkpoint without "
+                   "act-order). The adapter is extracted from TUNED minus this model, with lora_A over inputs pooled "
+                   "in groups, so that `compress merge QUANTIZED --adapter A --quantize int4 --strategy fold` folds "
+                   "it into the zero points with codes and scales untouched.")
+@click.option("--qalora-group-size", type=int, default=None,
+              help="Input channels pooled per lora_A column with --quantized-base (default: the base's group size; "
+                   "must be a multiple of it and divide every input size).")
 @click.option("--lora-only", is_flag=True,
               help="Write LoRA factors only: changed norm weights and other vectors of non-target modules, kept "
                    "whole (modules_to_save) by default, are left out and reported (for vLLM, which loads LoRA only).")
@@ -265,12 +273,19 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
                  dtype_choice: str, seed: int, budget: str | None, mean_rank: int | None, calibration: str | None,
-                 calibration_samples: int, calibration_length: int, aware: str, lora_only: bool, dry_run: bool,
-                 **common: Any) -> None:
+                 calibration_samples: int, calibration_length: int, aware: str, quantized_base: Path | None,
+                 qalora_group_size: int | None, lora_only: bool, dry_run: bool, **common: Any) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
     from compress.calib.text import CalibrationOptions
     from compress.lowrank.svd import RankRule
-    from compress.pipeline.extract import Budget, ExtractOptions, ExtractRequest, dry_run_extract, extract_lora
+    from compress.pipeline.extract import (
+        Budget,
+        ExtractOptions,
+        ExtractRequest,
+        dry_run_extract,
+        extract_lora,
+        quantized_group_size,
+    )
 
     if (budget is not None or mean_rank is not None) and not (rank is None and energy is None and sv_threshold is None):
         raise OptionError("--budget / --mean-rank choose every rank: drop --rank, --energy and --sv-threshold",
@@ -282,17 +297,24 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
     if budget is not None or mean_rank is not None:
         size = None if budget is None else budget_bytes(budget)
         sized = checked(lambda: Budget(bytes=size, mean_rank=mean_rank), "extract-lora")
+    if qalora_group_size is not None and quantized_base is None:
+        raise OptionError("--qalora-group-size needs --quantized-base (the INT4 model the adapter will fold into)",
+                          fix="Add --quantized-base QUANTIZED, the group-wise INT4 model made from --base.")
+    if quantized_base is not None and qalora_group_size is None:
+        qalora_group_size = quantized_group_size(quantized_base)
     calib = None if calibration is None else checked(
         lambda: CalibrationOptions(calibration, calibration_samples, calibration_length, seed), "extract-lora")
     options = checked(lambda: ExtractOptions(rule=rule, engine=engine, targets=targets, embeddings=embeddings,
                                              dtype=getattr(torch, dtype_choice), seed=seed, calibration=calib,
-                                             budget=sized, aware=aware, lora_only=lora_only), "extract-lora")
+                                             budget=sized, aware=aware, lora_only=lora_only,
+                                             qalora_group_size=qalora_group_size), "extract-lora")
     as_json, quiet, force = common.pop("as_json"), common.pop("quiet"), common.pop("force")
     with running(**common, show=not (quiet or as_json)) as run:
         need_output(out, dry_run, "ADAPTER")
-        request = ExtractRequest(base_path, tuned_path, out, options, force)
+        request = ExtractRequest(base_path, tuned_path, out, options, force, quantized_base)
         if dry_run:
-            return render.extract_plan(out_console, dry_run_extract(request), rule, as_json, sized)
+            return render.extract_plan(out_console, dry_run_extract(request), rule, as_json, sized,
+                                       qalora_group_size)
         report = extract_lora(request, run)
     render.result(out_console, out, report, report.adapter_bytes, as_json=as_json, quiet=quiet)  # type: ignore[arg-type]
 

@@ -130,9 +130,10 @@ def gguf_plan(console: Console, plan: Any, infos: list[Any], as_json: bool) -> N
                   "(plus GGUF metadata and the tokenizer)")
 
 
-def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: Any = None) -> None:
+def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: Any = None,
+                 qalora_group_size: int | None = None) -> None:
     rows = [{"name": e.name, "shape": list(e.shape), "action": e.action, "reason": e.reason} for e in plan.entries]
-    bound = plan.max_adapter_params(rule)
+    bound = plan.max_adapter_params(rule, qalora_group_size)
     if as_json:
         echo_json({"tensors": rows, "max_adapter_params": bound, "notes": plan.notes,
                    "only_in_base": plan.only_in_base, "only_in_tuned": plan.only_in_tuned})
@@ -148,6 +149,10 @@ def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: 
         console.print(f"ranks allocated after the SVDs under {budget.describe()}, each at most {rule.max_rank}")
     else:
         console.print(f"at most {bound:,} adapter parameters under {rule.describe()}")
+    if qalora_group_size:
+        console.print(f"QA-LoRA form: lora_A over inputs pooled in groups of {qalora_group_size}, extracted against "
+                      "the quantized base (checked: it holds every target weight, the group size divides their "
+                      "inputs)")
     notes(console, plan.notes)
 
 

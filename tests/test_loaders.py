@@ -407,6 +407,53 @@ def test_gptq_loads_in_transformers_gptqmodel(model_fixture: str, args: tuple[st
     assert 0.02 < rel_err(logits, unquantized) < 0.5
 
 
+@pytest.mark.skipif(not importlib.util.find_spec("gptqmodel"),
+                    reason="needs a GPTQ loader: optimum + gptqmodel (scripts/check_gptq_loader.sh installs them)")
+def test_qalora_adapter_loads_in_peft_on_our_gptq_base(tiny_llama: Path, outputs, token_ids, tmp_path: Path) -> None:
+    """extract-lora --quantized-base: PEFT loads the QA-LoRA adapter on our GPTQ checkpoint (transformers + gptqmodel,
+    PEFT's QA-LoRA variant of its GPTQ layers), and the model computes the dequantized base plus the adapter's
+    group-constant update, which is what `compress merge --strategy fold --format native` writes."""
+    import gptqmodel  # noqa: F401
+    from peft import PeftModel
+    from peft.tuners.lora.variants import QALoraLinearVariant
+    from safetensors.torch import save_file
+
+    q = outputs(tiny_llama, "--method", "int4", "--group-size", "32", "--asym")
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_llama, tuned)
+    tensors = load_file(str(tiny_llama / "model.safetensors"))
+    gen = torch.Generator().manual_seed(3)
+    for name, w in tensors.items():
+        if name.endswith("proj.weight"):
+            tensors[name] = w + 0.01 * torch.randn(w.shape, generator=gen)
+    save_file(tensors, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert main(["extract-lora", "--base", str(tiny_llama), "--tuned", str(tuned), "--quantized-base", str(q),
+                 "-o", str(adapter), "--rank", "4", "-q"]) == 0
+    assert main(["merge", str(q), "--adapter", str(adapter), "-o", str(merged), "--quantize", "int4",
+                 "--strategy", "fold", "--format", "native", "-q"]) == 0
+
+    config = transformers.GPTQConfig(bits=4, backend="torch")
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(q), device_map="cpu",
+                                                             quantization_config=config).eval()
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_variant") and m.lora_variant}
+    assert len(layers) == 14 and all(isinstance(m.lora_variant["default"], QALoraLinearVariant)
+                                     for m in layers.values())
+    # The reference: the float model with the folded weights, the base part rounded to float16 as gptqmodel's
+    # torch kernel computes it (see test_gptq_loads_in_transformers_gptqmodel).
+    base_weights, folded = quantized_weights(q), quantized_weights(merged)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    replace_weights(reference, {k: w.half().to(w.dtype) + (folded[k] - w) for k, w in base_weights.items()})
+    with torch.no_grad():
+        logits = model(token_ids).logits.float()
+        expected = reference(token_ids).logits
+        replace_weights(reference, {k: w.half().to(w.dtype) for k, w in base_weights.items()})
+        without = reference(token_ids).logits
+    assert rel_err(logits, expected) < 1e-5, rel_err(logits, expected)
+    assert rel_err(without, expected) > 1e-3  # the adapter changes the outputs
+
+
 # --- the real SmolLM2 GGUF --------------------------------------------------------------------------
 
 

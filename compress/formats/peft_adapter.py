@@ -466,6 +466,7 @@ class AdapterSpec:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     all_module_names: list[str] = field(default_factory=list)  # every module name of the base
+    qalora_group_size: int | None = None  # QA-LoRA form (use_qalora): lora_A sees inputs pooled over such groups
 
     def config(self) -> dict[str, Any]:
         lora = [m for m in self.modules if m.kind in ("linear", "embedding")]
@@ -487,6 +488,7 @@ class AdapterSpec:
             "lora_bias": any(m.bias is not None for m in lora),
             "use_rslora": False,
             "use_dora": False,
+            **({"use_qalora": True, "qalora_group_size": self.qalora_group_size} if self.qalora_group_size else {}),
             "fan_in_fan_out": False,
             "bias": "none",
             "lora_dropout": 0.0,

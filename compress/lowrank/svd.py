@@ -252,6 +252,16 @@ def allocate_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], budg
     return ranks
 
 
+def _error_curve(B: torch.Tensor, DMA: torch.Tensor, AA: torch.Tensor, total: float) -> list[float]:
+    """sqrt(||M - sum_{i<=r} b_i a_i||^2 / total) for r = 1..rank in a (semi-)inner product <X, Y> under which
+    ||M||^2 = total, <M, b_i a_i> = (b_i^T DMA_i) and <b_i a_i, b_j a_j> = (B^T B)_ij AA_ij. Sums in float64."""
+    c = (B * DMA).sum(0).double()  # [r]
+    G = ((B.T @ B) * AA).double()
+    block = torch.cumsum(torch.cumsum(G, 0), 1).diagonal()  # sum_{i,j<=r} G_ij
+    err2 = (total - 2 * torch.cumsum(c, 0) + block).clamp(min=0)
+    return ((err2 / total).sqrt() if total > 0 else torch.zeros_like(err2)).tolist()
+
+
 def error_curves(dW: torch.Tensor, lr: LowRank,
                  S: torch.Tensor | None = None) -> tuple[list[float], list[float] | None]:
     """The relative errors of B_r A_r (the first r ranks of ``lr``) for every r = 1..rank, without forming them:
@@ -262,17 +272,78 @@ def error_curves(dW: torch.Tensor, lr: LowRank,
     sum_{i,j<=r} G_ij, c_i = b_i^T M a_i^T and G = (B^T B) * (A A^T) (elementwise); in the S-weighted norm,
     c_i = b_i^T dW S a_i^T and G = (B^T B) * (A S A^T). Sums in float64."""
     D, A, B = dW.float(), lr.A.float(), lr.B.float()
-
-    def curve(M_A: torch.Tensor, A_A: torch.Tensor, total: float) -> list[float]:
-        c = (B * (D @ M_A.T)).sum(0).double()  # [r]: b_i^T D (M_A)_i^T
-        G = ((B.T @ B) * A_A).double()
-        block = torch.cumsum(torch.cumsum(G, 0), 1).diagonal()  # sum_{i,j<=r} G_ij
-        err2 = (total - 2 * torch.cumsum(c, 0) + block).clamp(min=0)
-        return ((err2 / total).sqrt() if total > 0 else torch.zeros_like(err2)).tolist()
-
-    weight = curve(A, A @ A.T, float((D.double() ** 2).sum()))
+    weight = _error_curve(B, D @ A.T, A @ A.T, float((D.double() ** 2).sum()))
     if S is None:
         return weight, None
     Sf = S.float()
     AS = A @ Sf
-    return weight, curve(AS, AS @ A.T, float(((D @ Sf) * D).sum(dtype=torch.float64)))
+    return weight, _error_curve(B, D @ AS.T, AS @ A.T, float(((D @ Sf) * D).sum(dtype=torch.float64)))
+
+
+# --- grouped (QA-LoRA) low rank: an update constant inside each group of input channels ---------------------
+
+
+def group_means(dW: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, in/g]: the mean of each row over every group of ``g`` consecutive input channels."""
+    out, n = dW.shape
+    return dW.float().reshape(out, n // group_size, group_size).mean(-1)
+
+
+def pooled_moment(S: torch.Tensor, group_size: int) -> torch.Tensor:
+    """P^T S P [in/g, in/g] with P [in, in/g] the 0/1 pooling matrix: the second moment of the group sums of the
+    inputs (what a group-constant update sees of them)."""
+    k = S.shape[0] // group_size
+    return S.float().reshape(k, group_size, k, group_size).sum((1, 3))
+
+
+def low_rank_grouped(dW: torch.Tensor, group_size: int, rule: RankRule, *, S: torch.Tensor | None = None,
+                     aware: str = "diagonal", damp: float = 0.01, engine: str = "auto", oversample: int = 16,
+                     n_iter: int = 6, seed: int = 0) -> LowRank:
+    """B A ~ M [out, in/g], a rank-r per-group update: dW [out, in] is approximated by expand(M), M[o, j] repeated
+    over the g input channels of group j (a QA-LoRA adapter's dense delta, which folds into the zero points of a
+    group-wise quantized weight with that group size or a divisor of it).
+
+    Without S: the least weight error. ||dW - expand(M)||^2 = ||dW - expand(Mbar)||^2 + g ||Mbar - M||^2 with Mbar
+    the group means, so M is the truncated SVD of sqrt(g) Mbar divided by sqrt(g); singular values and energies are
+    those of sqrt(g) Mbar against ||dW||^2 (retained energy = the share of dW's energy the update represents).
+    With S (the inputs' second moment [in, in]): ``aware='diagonal'`` scales Mbar's columns as
+    :func:`activation_scaling` does, on the pooled moment; ``'whitened'`` gives the least output error
+    ||X (dW - expand(M))^T||: M* = dW S P (P^T S P)^-1 (damped), factored in the metric of P^T S P."""
+    D = dW.float()
+    if D.shape[1] % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input size {D.shape[1]}")
+    total = frobenius_norm(D) ** 2
+    if S is None:
+        root = math.sqrt(group_size)
+        lr = low_rank(group_means(D, group_size) * root, rule, engine=engine, oversample=oversample, n_iter=n_iter,
+                      seed=seed, total_energy=total)
+        return LowRank(A=(lr.A / root).contiguous(), B=lr.B, singular_values=lr.singular_values,
+                       total_energy=total, engine=lr.engine)
+    Sp = pooled_moment(S, group_size)
+    if aware == "diagonal":
+        return low_rank_whitened(group_means(D, group_size), activation_scaling(Sp), rule, engine=engine,
+                                 oversample=oversample, n_iter=n_iter, seed=seed)
+    if aware != "whitened":
+        raise ValueError(f"aware must be 'diagonal' or 'whitened', got {aware!r}")
+    L = whitening_factor(Sp, damp)
+    k = Sp.shape[0]
+    DSP = (D @ S.float()).reshape(D.shape[0], k, group_size).sum(-1)  # dW S P: [out, in/g]
+    M_star = torch.cholesky_solve(DSP.T, L).T  # dW S P (L L^T)^-1
+    return low_rank_whitened(M_star, L, rule, engine=engine, oversample=oversample, n_iter=n_iter, seed=seed)
+
+
+def grouped_error_curves(dW: torch.Tensor, lr: LowRank, group_size: int,
+                         S: torch.Tensor | None = None) -> tuple[list[float], list[float] | None]:
+    """As :func:`error_curves` for a grouped update: the relative errors of expand(B_r A_r) against dW [out, in],
+    in weight and (with S) on the inputs, for every r = 1..rank; ``lr`` factors M [out, in/g]."""
+    D, A, B = dW.float(), lr.A.float(), lr.B.float()
+    out, k = D.shape[0], D.shape[1] // group_size
+    group_sums = D.reshape(out, k, group_size).sum(-1)  # dW P: <dW, expand(b a)> = b^T dW P a^T
+    weight = _error_curve(B, group_sums @ A.T, group_size * (A @ A.T), float((D.double() ** 2).sum()))
+    if S is None:
+        return weight, None
+    Sf = S.float()
+    DS = D @ Sf
+    DSP = DS.reshape(out, k, group_size).sum(-1)
+    ASp = A @ pooled_moment(Sf, group_size)
+    return weight, _error_curve(B, DSP @ A.T, ASp @ A.T, float((DS * D).sum(dtype=torch.float64)))

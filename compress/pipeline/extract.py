@@ -20,17 +20,21 @@ from compress.formats.checkpoint import CheckpointReader
 from compress.formats.inputs import open_model
 from compress.formats.output import check_output, write_json
 from compress.formats.peft_adapter import AdapterModule, AdapterSink, AdapterSpec
+from compress.formats.quantized import DequantizingReader
 from compress.formats.sink import decode, encode
 from compress.lowrank.svd import (
     RankRule,
     activation_scaling,
     allocate_ranks,
     error_curves,
+    grouped_error_curves,
     low_rank,
+    low_rank_grouped,
     low_rank_whitened,
     pick_engine,
     whitening_factor,
 )
+from compress.merge.lora import QALORA_POOLING
 from compress.metrics import frobenius_norm
 from compress.pipeline.execute import Executor, available_cores
 from compress.pipeline.extract_report import Dropped, ExtractReport, ModuleRow, Unchanged
@@ -94,6 +98,9 @@ class ExtractOptions:
     # Small changed tensors of modules that are not LoRA targets (norm weights, their biases) are kept whole in
     # modules_to_save, as mergekit keeps them: PEFT loads them. lora_only leaves them out (vLLM accepts LoRA only).
     lora_only: bool = False
+    # QA-LoRA form: lora_A sees the inputs pooled over groups of this many channels, so the update is constant inside
+    # each quantization group of the --quantized-base it is extracted against and folds into its zero points.
+    qalora_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.embeddings not in EMBEDDING_MODES:
@@ -103,6 +110,12 @@ class ExtractOptions:
             raise ValueError(f"dampening must be in (0, 1), got {self.damp}")
         if self.aware not in AWARE_MODES:
             raise ValueError(f"--aware must be one of {', '.join(AWARE_MODES)}, got {self.aware!r}")
+        if self.qalora_group_size is not None:
+            if self.qalora_group_size < 1:
+                raise ValueError(f"--qalora-group-size must be positive, got {self.qalora_group_size}")
+            if self.embeddings == "lora":
+                raise ValueError("QA-LoRA adapters have Linear modules only; use --embeddings skip or full with "
+                                 "--quantized-base")
         if self.lora_only and self.embeddings == "full":
             raise ValueError("--lora-only writes LoRA factors only, but --embeddings full saves whole tensors; "
                              "use --embeddings lora or skip")
@@ -130,12 +143,13 @@ class ExtractPlan:
     only_in_tuned: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def max_adapter_params(self, rule: RankRule) -> int:
+    def max_adapter_params(self, rule: RankRule, group_size: int | None = None) -> int:
         total = 0
         for e in self.entries:
             if e.action in ("lora", "embedding-lora"):
-                r = rule.upper_bound((e.shape[0], e.shape[1]))
-                total += r * (e.shape[0] + e.shape[1])
+                n_in = e.shape[1] // group_size if group_size else e.shape[1]
+                r = rule.upper_bound((e.shape[0], n_in))
+                total += r * (e.shape[0] + n_in)
             elif e.action in ("full", "whole", "bias"):
                 total += math.prod(e.shape)
         return total
@@ -213,7 +227,9 @@ def plan_extraction(base: CheckpointReader, tuned: CheckpointReader, options: Ex
     for i, e in enumerate(plan.entries):
         if e.action in ("check", "whole") and e.name.endswith(".bias") \
                 and e.name.removesuffix(".bias") in target_modules:
-            plan.entries[i] = PairPlan(e.name, e.shape, "bias", "bias of a target module (lora_bias)")
+            plan.entries[i] = (PairPlan(e.name, e.shape, "check", "bias of a QA-LoRA module (PEFT's QA-LoRA has none)")
+                               if options.qalora_group_size else
+                               PairPlan(e.name, e.shape, "bias", "bias of a target module (lora_bias)"))
     if plan.only_in_base or plan.only_in_tuned:
         plan.notes.append(f"{len(plan.only_in_base)} tensors only in the base and {len(plan.only_in_tuned)} only in "
                           "the tuned model were skipped" + (f" (e.g. '{(plan.only_in_base + plan.only_in_tuned)[0]}')"))
@@ -234,6 +250,9 @@ class ExtractDelta(Task):
         W_base = ctx.read("base", entry.name).to(ctx.device)
         W_tuned = ctx.read("tuned", entry.name).to(ctx.device)
         base_norm = frobenius_norm(W_base)
+        group = options.qalora_group_size if entry.action == "lora" else None
+        if group is not None:  # QA-LoRA: the delta from the quantized base the adapter will be folded into
+            W_base = quantized_reference(ctx.reader("quantized"), entry.name, W_base, group).to(ctx.device)
         dW = W_tuned.to(torch.float32, copy=True).sub_(W_base)  # the values of W_tuned.float() - W_base.float()
         del W_base
         if entry.action not in ("full", "whole"):
@@ -262,6 +281,8 @@ class ExtractDelta(Task):
         embedding = entry.action == "embedding-lora"
         target = dW.T if embedding else dW  # PEFT's embedding delta is (B @ A)^T
         S = None if embedding or self.S is None else self.S.to(ctx.device)
+        if group is not None:
+            return self._grouped(target, group, S, delta_norm, delta_rel, ctx)
         if S is not None:  # activation-aware: the error of the module's output on the calibration inputs
             L = whitening_factor(S, options.damp) if options.aware == "whitened" else activation_scaling(S)
             lr = low_rank_whitened(target, L, rule, engine=options.engine, oversample=options.oversample,
@@ -279,6 +300,71 @@ class ExtractDelta(Task):
         factors = [(f"{entry.name}:A", encode(lr.A.to("cpu", options.dtype))),
                    (f"{entry.name}:B", encode(lr.B.to("cpu", options.dtype)))]
         return TaskResult(factors, [row])
+
+    def _grouped(self, dW: torch.Tensor, group: int, S: torch.Tensor | None, delta_norm: float, delta_rel: float,
+                 ctx: TaskContext) -> TaskResult:
+        """QA-LoRA factors: B A ~ M [out, in/g], the update constant inside each group of g input channels
+        (:func:`~compress.lowrank.svd.low_rank_grouped`); lora_A is stored divided by PEFT's pooling factor so that
+        PEFT's QA-LoRA forward (group mean times in/g) applies exactly expand(B A)."""
+        entry, options = self.entry, self.options
+        lr = low_rank_grouped(dW, group, options.task_rule, S=S, aware=options.aware, damp=options.damp,
+                              engine=options.engine, oversample=options.oversample, n_iter=options.n_iter,
+                              seed=options.seed)
+        expanded = (lr.B @ lr.A).repeat_interleave(group, dim=1)
+        residual = frobenius_norm(dW - expanded)
+        del expanded
+        weight_curve, output_curve = grouped_error_curves(dW, lr, group, S) if lr.rank else ([], None)
+        pooling = QALORA_POOLING["peft"](dW.shape[1], group)
+        row = ModuleRow(entry.name.rsplit(".", 1)[0], entry.shape, "lora", lr.rank, lr.retained_energy,
+                        residual / delta_norm, lr.eckart_young_rel_error, delta_rel, lr.A.numel() + lr.B.numel(),
+                        lr.engine, output_error=output_curve[-1] if output_curve else None,
+                        **({"spectrum": lr.singular_values.cpu(), "total_energy": lr.total_energy,
+                            "weight_curve": weight_curve, "output_curve": output_curve} if options.budget else {}))
+        factors = [(f"{entry.name}:A", encode((lr.A / pooling).to("cpu", options.dtype))),
+                   (f"{entry.name}:B", encode(lr.B.to("cpu", options.dtype)))]
+        return TaskResult(factors, [row])
+
+
+# A 4-bit grid's rounding moves a weight by well under half its norm (RTN INT4: ~10%); another model's weights
+# differ by about sqrt(2) of it.
+FOREIGN_BASE_REL = 0.5
+
+
+def quantized_reference(reader: CheckpointReader, name: str, W_base: torch.Tensor, group: int) -> torch.Tensor:
+    """Weight ``name`` of the --quantized-base, dequantized (float32), after checking that it can take a QA-LoRA
+    update of group size ``group`` (group-wise INT4 with consecutive groups dividing ``group``; a weight the base
+    keeps in float takes any update) and that it is a quantization of ``W_base``."""
+    where = str(reader.path)
+    if isinstance(reader, DequantizingReader) and reader.is_quantized(name):
+        qt = reader.quantized(name)
+        group_size = getattr(qt, "group_size", None)
+        if group_size is None:
+            raise InputError(f"'{name}' is stored as {type(qt).__name__} in the quantized base; a QA-LoRA update "
+                             "folds only into group-wise INT4 zero points", where=where,
+                             fix="Quantize the base with --method int4 (gptq, compressed-tensors or native layout).")
+        g_idx = getattr(qt, "g_idx", None)
+        if g_idx is not None and not torch.equal(g_idx.cpu(), torch.arange(qt.shape[1]) // group_size):
+            raise InputError(f"'{name}' has act-order groups (g_idx) in the quantized base; a QA-LoRA update is "
+                             "constant over consecutive input channels and cannot fold into them", where=where,
+                             fix="Quantize the base without --act-order.")
+        if group % group_size:
+            raise InputError(f"--qalora-group-size {group} is not a multiple of the quantized base's group size "
+                             f"{group_size} ('{name}'): the update must be constant inside each quantization group to "
+                             "fold", fix=f"Use --qalora-group-size {group_size} (or a multiple of it dividing every "
+                                         "input size).")
+        W_q = qt.dequantize(torch.float32)
+    else:
+        W_q = reader.get(name).float()
+    if tuple(W_q.shape) != tuple(W_base.shape):
+        raise InputError(f"'{name}' has shape {list(W_q.shape)} in the quantized base but {list(W_base.shape)} in "
+                         "--base", where=where, fix="Give the quantization of --base itself as --quantized-base.")
+    base_norm = frobenius_norm(W_base)
+    rel = frobenius_norm(W_q - W_base.float()) / base_norm if base_norm > 0 else 0.0
+    if rel > FOREIGN_BASE_REL:
+        raise InputError(f"the quantized base is not a quantization of --base: '{name}' differs from it by "
+                         f"{rel:.0%} (4-bit rounding moves a weight by about 10%)", where=where,
+                         fix="Give the quantization of --base itself as --quantized-base.")
+    return W_q
 
 
 class FactorCollector:
@@ -355,7 +441,7 @@ def build_adapter(plan: ExtractPlan, report: ExtractReport, tensors: dict[str, d
     architectures = (base.config or {}).get("architectures") or []
     task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
     spec = AdapterSpec(modules=[modules[m] for m in sorted(modules)], base_model_name_or_path=base_name,
-                       task_type=task, all_module_names=all_names)
+                       task_type=task, all_module_names=all_names, qalora_group_size=options.qalora_group_size)
     report.adapter_bytes = sum(t.numel() * t.element_size() for t in spec.state_dict().values())
     return spec
 
@@ -367,36 +453,104 @@ class ExtractRequest:
     out: Path | None
     options: ExtractOptions
     force: bool = False
+    quantized_base: Path | None = None  # with options.qalora_group_size: the INT4 model the adapter folds into
 
 
 def dry_run_extract(request: ExtractRequest) -> ExtractPlan:
     with open_model(request.base) as base, open_model(request.tuned) as tuned:
-        return plan_extraction(base, tuned, request.options)
+        plan = plan_extraction(base, tuned, request.options)
+        if request.quantized_base is not None:
+            with open_model(request.quantized_base) as quantized:
+                check_quantized_base(plan, base, quantized, request.options)
+        return plan
+
+
+def quantized_group_size(path: Path) -> int:
+    """The group size of the first group-wise quantized weight of checkpoint ``path`` (--qalora-group-size's
+    default)."""
+    with open_model(path) as reader:
+        if isinstance(reader, DequantizingReader):
+            for info in reader.infos():
+                if reader.is_quantized(info.name):
+                    size = getattr(reader.quantized(info.name), "group_size", None)
+                    if size is not None:
+                        return int(size)
+    raise InputError("--quantized-base has no group-wise INT4 weight", where=str(path),
+                     fix="Give the INT4 model made from --base (compress quantize --method int4, or a GPTQ "
+                         "checkpoint).")
+
+
+def check_quantized_base(plan: ExtractPlan, base: CheckpointReader, quantized: CheckpointReader,
+                         options: ExtractOptions) -> dict[str, Any]:
+    """Whether --quantized-base can take this plan's QA-LoRA modules: same architecture, every target weight present
+    with its shape, the group size dividing every input size. (Each weight's layout and closeness to the base are
+    checked when it is read: :func:`quantized_reference`.) Returns what provenance records of it."""
+    group = options.qalora_group_size
+    assert group is not None
+    where = str(quantized.path)
+    if not isinstance(quantized, DequantizingReader):
+        raise InputError("--quantized-base is not a quantized checkpoint (no group-wise INT4 weights found)",
+                         where=where, fix="Give the INT4 model made from --base (compress quantize --method int4, "
+                                          "or a GPTQ checkpoint).")
+    base_type, q_type = (base.config or {}).get("model_type"), (quantized.config or {}).get("model_type")
+    if base_type and q_type and base_type != q_type:
+        raise InputError(f"--quantized-base is a '{q_type}' model but --base is a '{base_type}' model", where=where,
+                         fix="Give the quantization of --base itself as --quantized-base.")
+    infos = {i.name: i for i in quantized.infos()}
+    targets = [e for e in plan.entries if e.action == "lora"]
+    for e in targets:
+        info = infos.get(e.name)
+        if info is None:
+            raise InputError(f"the quantized base has no tensor '{e.name}'", where=where,
+                             fix="Give the quantization of --base itself as --quantized-base.")
+        if tuple(info.shape) != tuple(e.shape):
+            raise InputError(f"'{e.name}' has shape {list(info.shape)} in the quantized base but {list(e.shape)} in "
+                             "--base", where=where, fix="Give the quantization of --base itself as --quantized-base.")
+    if targets:  # the first weight's layout and closeness now, before a calibration pass; every one when read
+        quantized_reference(quantized, targets[0].name, base.get(targets[0].name), group)
+    sizes = sorted({e.shape[1] for e in targets})
+    odd = [n for n in sizes if n % group]
+    if odd:
+        divisors = [d for d in range(1, min(sizes) + 1) if all(n % d == 0 for n in sizes)]
+        raise InputError(f"--qalora-group-size {group} does not divide the input size {odd[0]} of the target modules",
+                         fix=f"Use a group size dividing {', '.join(map(str, sizes))} (e.g. "
+                             f"{', '.join(map(str, divisors[-3:]))}) that is a multiple of the base's group size.")
+    fmt = getattr(quantized, "format", None)
+    return {"path": str(Path(quantized.path).resolve()), "format": getattr(fmt, "name", None),
+            "qalora_group_size": group}
 
 
 def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
     """Extract the adapter into ``request.out`` (with its report and provenance); returns the report."""
     out, options = request.out, request.options
     assert out is not None
-    check_output(out, force=request.force, inputs=[request.base, request.tuned])
+    inputs = [request.base, request.tuned] + ([request.quantized_base] if request.quantized_base else [])
+    check_output(out, force=request.force, inputs=inputs)
+    sources = {"base": ModelSource(str(request.base)), "tuned": ModelSource(str(request.tuned))}
     with open_model(request.base) as base, open_model(request.tuned) as tuned:
         plan = plan_extraction(base, tuned, options)
+        quantized_base = None
+        if request.quantized_base is not None:
+            with open_model(request.quantized_base) as quantized:
+                quantized_base = check_quantized_base(plan, base, quantized, options)
+            sources["quantized"] = ModelSource(str(request.quantized_base))
         rule = options.rule
         report = ExtractReport(rule={k: v for k, v in vars(rule).items()
                                      if v is not None and not (options.budget and k == "rank")}
                                | {"svd": options.engine}
                                | ({"budget": options.budget.describe()} if options.budget else {})
                                | ({"calibration": f"activation-aware ({options.aware})"}
-                                  if options.calibration else {}),
+                                  if options.calibration else {})
+                               | ({"qalora": f"group size {options.qalora_group_size}, against the quantized base"}
+                                  if options.qalora_group_size else {}),
                                notes=list(plan.notes))
         tasks = extraction_tasks(plan, options)
         factors = FactorCollector()
         calibration: dict[str, Any] | None = None
         run.start("extract-lora", sum(t.nbytes for t in tasks), len(tasks))
         with AdapterSink(out, force=request.force) as sink, \
-                Executor(run.executor, sources={"base": ModelSource(str(request.base)),
-                                                "tuned": ModelSource(str(request.tuned))},
-                         opened={"base": base, "tuned": tuned}, device=run.device) as executor:
+                Executor(run.executor, sources=sources, opened={"base": base, "tuned": tuned},
+                         device=run.device) as executor:
             if options.calibration is None:
                 executor.run(tasks, factors, report.add, progress=run.on_task)
             else:
@@ -415,7 +569,7 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
             write_provenance(sink.folder / "compress_provenance.json", run, "extract-lora", request.tuned, out,
                              {"base": str(request.base.resolve()), "rule": report.rule, "targets": options.targets,
                               "embeddings": options.embeddings, "dtype": str(options.dtype).removeprefix("torch."),
-                              "seed": options.seed, "calibration": calibration,
+                              "seed": options.seed, "calibration": calibration, "quantized_base": quantized_base,
                               "execution": executor.stats.as_dict()})
             sink.commit()
     return report
@@ -470,7 +624,8 @@ def apply_budget(report: ExtractReport, tensors: dict[str, dict[str, torch.Tenso
     rows = {r.module: r for r in report.rows if r.kind in ("lora", "embedding-lora") and r.rank > 0}
     if not rows:
         return
-    costs = {m: r.shape[0] + r.shape[1] for m, r in rows.items()}
+    group = options.qalora_group_size or 1  # a QA-LoRA lora_A is [r, in/g]
+    costs = {m: r.shape[0] + r.shape[1] // group for m, r in rows.items()}
     itemsize = torch.empty(0, dtype=options.dtype).element_size()
     budget = options.budget.parameters(costs, itemsize)
     if options.budget.bytes is not None:  # whole tensors (bias deltas, full copies) are part of the size
