@@ -228,6 +228,16 @@ def test_bad_budget_and_calibration(tiny_llama_tok: Path, tuned: Path, tmp_path:
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_calibration_text_too_short(tiny_llama_tok: Path, tuned: Path, tmp_path: Path, capsys) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("def f(): pass\n", encoding="utf-8")
+    out = tmp_path / "out"
+    r = run_cli(capsys, "extract-lora", "--base", tiny_llama_tok, "--tuned", tuned, "-o", out, "--calibration", text)
+    assert r.rc == 2 and len(r.err.strip().splitlines()) == 1, r.err
+    assert "fewer than one sample of --calibration-length 512" in r.err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["short.txt"]
+
+
 def test_dry_run_says_the_rule_in_words(tiny_llama_tok: Path, tuned: Path, tmp_path: Path, capsys) -> None:
     for args, words in ((("--rank", "8"), "under rank 8 (at most 256)"),
                         (("--mean-rank", "8"), "ranks allocated after the SVDs under mean rank 8, each at most 256")):
