@@ -451,21 +451,63 @@ def list_methods() -> None:
     render.methods(out_console)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a job scheduler, `docker stop`, a closed terminal), raised where the program is, so that
+    it unwinds as Ctrl-C does: temporary outputs removed, workers stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP handled like SIGINT while a command runs (main thread only; restored after)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def _stopped(e: Terminated) -> int:
+    import signal
+
+    err_console.print(f"stopped by {signal.Signals(e.signum).name}; nothing was written", markup=False, emoji=False)
+    return 128 + e.signum
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one line and exit code 2 for every user error."""
     _invocation[:] = list(sys.argv[1:] if argv is None else argv)
     try:
-        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+        with stop_signals():
+            cli.main(args=argv, prog_name="compress", standalone_mode=False)
     except CompressError as e:
         err_console.print(f"error: {e.message}", markup=False, highlight=False, emoji=False, soft_wrap=True)
         return e.exit_code
-    except click.exceptions.Abort:  # click's form of Ctrl-C
+    except click.exceptions.Abort as e:  # click's form of Ctrl-C (and of the signals raised as Terminated)
+        if isinstance(e.__cause__, Terminated):
+            return _stopped(e.__cause__)
         err_console.print("interrupted; nothing was written", markup=False, emoji=False)
         return 130
     except click.ClickException as e:
         err_console.print(f"error: {' '.join(e.format_message().split())}", markup=False, highlight=False, emoji=False,
                           soft_wrap=True)
         return 2
+    except Terminated as e:
+        return _stopped(e)
     except KeyboardInterrupt:
         err_console.print("interrupted; nothing was written", markup=False, emoji=False)
         return 130

@@ -186,7 +186,13 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-def test_ctrl_c_stops_the_workers_and_leaves_nothing(models: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code", "last_line"), [
+    (signal.SIGINT, 130, "interrupted; nothing was written"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM; nothing was written"),  # a job scheduler, docker stop
+    (signal.SIGHUP, 129, "stopped by SIGHUP; nothing was written"),  # the terminal closed
+], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_stops_the_workers_and_leaves_nothing(models: dict[str, Path], tmp_path: Path, signum: int, code: int,
+                                                     last_line: str) -> None:
     out = tmp_path / "out"
     env = dict(os.environ, COMPRESS_FAULT_INJECTION=f"sleep:{KILLED}:60")
     proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "quantize", str(models["base"]), "-o", str(out),
@@ -199,10 +205,10 @@ def test_ctrl_c_stops_the_workers_and_leaves_nothing(models: dict[str, Path], tm
         workers = [c for c in children(proc.pid) if "forkserver" in cmdline(c)]  # the fork server and 2 workers
     assert leftovers(tmp_path) and len(workers) >= 3, "the run never started writing"
     time.sleep(1)  # the task before the slow one is written; the slow one is running
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted; nothing was written"
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == last_line
     assert not out.exists() and leftovers(tmp_path) == []
     time.sleep(1)
     assert [w for w in workers if alive(w)] == []

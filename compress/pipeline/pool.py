@@ -26,6 +26,8 @@ _WORKER_FAULT: str | None = None
 def _init_pool_worker(sources: Mapping[str, Source], device: str, threads: int, fault: str | None) -> None:
     global _WORKER_CONTEXT, _WORKER_FAULT
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # the parent's handlers raise; a worker just ends
+        signal.signal(signum, signal.SIG_DFL)
     tune_allocator()
     torch.set_num_threads(threads)
     _WORKER_CONTEXT = TaskContext(sources, torch.device(device))
