@@ -214,6 +214,33 @@ def test_ctrl_c_stops_the_workers_and_leaves_nothing(models: dict[str, Path], tm
     assert [w for w in workers if alive(w)] == []
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """SIGKILL leaves the hidden temporary folder (nothing can clean up); the next run into the same place finds it,
+    removes it with one line, and leaves a live run's temporary folder alone."""
+    out = tmp_path / "out"
+    env = dict(os.environ, COMPRESS_FAULT_INJECTION=f"sleep:{KILLED}:60")
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "quantize", str(models["base"]), "-o", str(out),
+                             "--method", "nf4", *WORKERS], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not leftovers(tmp_path):
+        time.sleep(0.2)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as the OOM killer or `kill -9 -PGID`
+    proc.communicate(timeout=60)
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith(".out.tmp-"), stale
+    live = tmp_path / f".out.tmp-{os.getpid()}-0123abcd"  # a run still going on (this process)
+    live.mkdir()
+    r = run_cli(capsys, "quantize", models["base"], "-o", out, "--method", "nf4", "-q")
+    assert r.rc == 0, r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"note: removed {tmp_path / stale[0]}, a temporary output ("), r.err
+    assert "left by an interrupted run" in lines[0]
+    assert leftovers(tmp_path) == [live.name] and out.is_dir()
+
+
 @dataclass(frozen=True)
 class ThreadCount(Task):
     """A task that reports the torch threads of the process running it."""

@@ -14,9 +14,12 @@ such as a ``.gguf``, plus sidecar files beside it, e.g. ``OUT.report.md``).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,7 +63,57 @@ def check_output(out: Path, *, force: bool, inputs: list[Path], kind: str = "fol
 
 
 def _hidden(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
+    """A hidden path beside ``path`` naming the writing process: ``.NAME.tmp-PID-XXXXXXXX``."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def notice(line: str) -> None:
+    """One line to stderr for the user (the CLI prints errors itself; this is for what it should know)."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _path_bytes(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    return path.lstat().st_size
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Temporary outputs (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*``) that a killed run (SIGKILL, a power cut) left
+    beside ``out``: removed when the process that made them is gone, each with one line saying so. Those of a run
+    still going on are left alone."""
+    parent = out.parent if str(out.parent) else Path(".")
+    removed: list[Path] = []
+    try:
+        candidates = sorted(parent.glob(f".{glob.escape(out.name)}.*-*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        match = _LEFTOVER.fullmatch(path.name[len(out.name) + 1:])
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            size = _path_bytes(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+            notice(f"removed {path}, a temporary output ({size / 2**20:.1f} MiB) left by an interrupted run")
+    return removed
+
+
+_LEFTOVER = re.compile(r"\.(?:tmp|old)-(\d+)-[0-9a-f]{8}")
 
 
 class Staging:
@@ -76,6 +129,8 @@ class Staging:
 
     def _make_parent(self) -> None:
         self._created = [p for p in (self.parent, *self.parent.parents) if not p.exists()]  # innermost first
+        if not self._created:
+            remove_leftovers(self.out)
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
