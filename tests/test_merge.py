@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -246,6 +247,31 @@ def test_features_are_read_as_peft_defines_them(llama: Path, gpt2: Path, tmp_pat
     assert db is not None
     torch.testing.assert_close(db, c_attn.bias * 2.0, rtol=0, atol=0)
     assert g.features() == ["fan_in_fan_out", "lora_bias"]
+
+
+def test_config_without_rank_alpha_or_targets_is_taken_as_peft_takes_it(llama: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """PEFT's defaults (r 8, lora_alpha 8; the target modules its mapping gives a Llama: q_proj, v_proj) with one
+    warning line naming them: the merge equals PEFT's merge of the same adapter with those values written out."""
+    adapter = make_adapter(llama, tmp_path / "adapter", 3, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    bare = tmp_path / "bare"
+    shutil.copytree(adapter, bare)
+    config = json.loads((bare / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "target_modules"):
+        config.pop(key)
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    r = run(capsys, "merge", llama, "--adapter", bare, "-o", out, "--quiet", "--device", "cpu")
+    assert r.rc == 0, r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: ") and "r=8, lora_alpha=8" in lines[0], r.err
+    assert "'r', 'lora_alpha', 'target_modules'" in lines[0]
+    expected = peft_reference(llama, [adapter]).state
+    merged = tensors_of(out)
+    assert any(not torch.equal(merged[k], tensors_of(llama)[k]) for k in merged)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
 
 
 def test_bfloat16_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -320,6 +320,14 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         raise InputError(f"cannot read the config ({e})", where=str(config_path),
                          fix="Fix or re-export the file.") from e
     config = AdapterConfig.from_dict(raw, str(config_path))
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if raw.get(k) is None]
+    if missing:
+        assumed = {"r": "r=8", "lora_alpha": "lora_alpha=8",
+                   "target_modules": "target_modules: every module with factors in the adapter file"}
+        from compress.formats.output import notice
+
+        notice(f"{config_path} has no {', '.join(repr(k) for k in missing)}; taken as PEFT's defaults: "
+               + ", ".join(assumed[k] for k in missing))
     tensors = _load_tensors(weights_path)
     where = str(weights_path)
     if not tensors:
