@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,8 +30,18 @@ from compress.pipeline.report import parse_size
 from compress.pipeline.run import RunOptions
 from compress.quant import ALGORITHMS, METHODS, make_config
 
-err_console = Console(stderr=True, emoji=False)
-out_console = Console(emoji=False)
+
+def _console(*, stderr: bool) -> Console:
+    """Rich's console; when the stream is not a terminal (a pipe, a CI log) tables get the width they need instead
+    of rich's 80 columns, so that no cell is cut (COLUMNS, when set, still decides)."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty())
+    return Console(stderr=stderr, emoji=False, width=PIPED_WIDTH if piped and "COLUMNS" not in os.environ else None)
+
+
+PIPED_WIDTH = 4000
+err_console = _console(stderr=True)
+out_console = _console(stderr=False)
 _invocation: list[str] = []  # the command line of this run, for provenance
 
 METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())

@@ -220,6 +220,26 @@ def test_json_output_and_tables(tiny_llama: Path, tmp_path: Path, capsys) -> Non
     assert "int4" in capsys.readouterr().out
 
 
+def test_piped_output_is_never_cut(tmp_path: Path) -> None:
+    """stdout into a pipe (a CI log): tables take the width they need, nothing ends in '…' (rich's default is 80
+    columns and cuts cells)."""
+    import os
+    import subprocess
+    import sys
+
+    from compress.quant import METHODS
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    r = subprocess.run([sys.executable, "-m", "compress.cli", "methods"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout
+    for name in METHODS:
+        assert f"│ {name} " in r.stdout
+    assert "https://arxiv.org/abs/2305.14314" in r.stdout  # a whole cell that 80 columns cut
+    assert max(len(line) for line in r.stdout.splitlines()) > 80
+
+
 def test_gguf_input_end_to_end(smollm2_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "smol"
     assert run("quantize", smollm2_gguf, "-o", out, "--method", "int4", "-q") == 0
