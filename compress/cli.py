@@ -177,7 +177,12 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 @click.option("--block-size", type=int, default=64, show_default=True, help="nf4/fp4: elements per absmax block.")
 @click.option("--double-quant/--no-double-quant", default=False, show_default=True,
               help="nf4/fp4: quantize the absmax values to 8 bits too (~0.37 fewer bits per weight).")
-@click.option("--group-size", type=int, default=128, show_default=True, help="int4: input channels per group.")
+@click.option("--group-size", type=int, default=None,
+              help="int4: input channels per group (default 128, or the largest size that lets the layout hold every "
+                   "selected layer: compressed-tensors needs it to divide the input size).")
+@click.option("--allow-float", is_flag=True,
+              help="int4: accept an explicit --group-size that leaves more than 1% of the quantizable parameters in "
+                   "float (otherwise an error names the group sizes that work).")
 @click.option("--sym/--asym", "symmetric", default=False, show_default=True,
               help="int4: symmetric (zero fixed at 8) or asymmetric (4-bit zero per group).")
 @click.option("--include", default=None, help="Regex: also quantize 2-D float weights whose name matches.")
@@ -188,8 +193,8 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 @shard_option
 @output_options
 def quantize(model: Path, out: Path | None, method: str, format_name: str | None, block_size: int,
-             double_quant: bool, group_size: int, symmetric: bool, include: str | None, exclude: str | None,
-             dry_run: bool, shard_size: str, **common: Any) -> None:
+             double_quant: bool, group_size: int | None, allow_float: bool, symmetric: bool, include: str | None,
+             exclude: str | None, dry_run: bool, shard_size: str, **common: Any) -> None:
     """Quantize the Linear weights of MODEL (HF folder, .safetensors or .gguf) to 4 bits (NF4, FP4, INT4 in a
     folder) or to a llama.cpp file type (4 to 8 bits, --format gguf)."""
     from compress.pipeline import calibrated, gguf
@@ -200,7 +205,8 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
         pairs = ", ".join(f"{m}+{f.name}" for f in FORMATS.values() for m in f.methods)
         raise OptionError(f"--format {fmt.name} cannot hold --method {method}", fix=f"Pairs that work: {pairs}.")
     config = checked(lambda: make_config(method, block_size=block_size, double_quant=double_quant,
-                                         group_size=group_size, symmetric=symmetric), "quantize")
+                                         group_size=128 if group_size is None else group_size, symmetric=symmetric),
+                     "quantize")
     size = shard_bytes(shard_size)
     need_output(out, dry_run)
     as_json, quiet, force = (common.pop(k) for k in ("as_json", "quiet", "force"))
@@ -220,6 +226,9 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
                                  report_json=side)
         request = q.QuantizeRequest(model, out, method, config, fmt.name, include, exclude, size, force,
                                     settings.algorithm)
+        request, line = q.settle_group_size(request, explicit=group_size is not None, allow_float=allow_float)
+        if line is not None and not as_json:
+            err_console.print(f"note: {line}", markup=False, highlight=False, emoji=False, soft_wrap=True)
         if dry_run:
             return render.quantize_plan(out_console, q.dry_run_quantize(request), as_json)
         report = (q.quantize_folder(request, run) if settings.calibration is None else

@@ -155,15 +155,35 @@ def test_unsupported_shapes_and_scale_dtype(tmp_path: Path) -> None:
     assert fmt.adapt_config(Int4Config(), torch.bfloat16).scale_dtype == torch.bfloat16
     assert fmt.adapt_config(Int4Config(), torch.float32).scale_dtype == torch.float32
     assert FORMATS["gptq"].adapt_config(Int4Config(), torch.bfloat16).scale_dtype == torch.float16
-    # a layer whose input size is not a multiple of the group size is kept in float, listed in ignore
+    # a layer whose input size is not a multiple of the group size is kept in float (asked for: --allow-float),
+    # listed in ignore
     src = build_tiny_llama(tmp_path / "src", hidden=64, intermediate=96, layers=1)
     out = tmp_path / "out"
-    assert main(["quantize", str(src), "-o", str(out), "-q", *CT_ARGS, "--group-size", "64"]) == 0
+    assert main(["quantize", str(src), "-o", str(out), "-q", *CT_ARGS, "--group-size", "64", "--allow-float"]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.mlp.down_proj" in qc["ignore"]  # in = 96
     kept = {r["name"]: r["reason"] for r in json.loads((out / "report.json").read_text())["kept"]}
     assert "multiple of the group size" in kept["model.layers.0.mlp.down_proj.weight"]
     assert "model.layers.0.mlp.up_proj.weight_packed" in load_file(out / "model.safetensors")
+
+
+def test_default_group_size_fits_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Input sizes 96 and 160: the default 128 divides neither, so the largest group size dividing both (32) is
+    chosen with one line; an explicit 64 that would leave most weights in float is an error naming 16 and 32."""
+    src = build_tiny_llama(tmp_path / "src", hidden=96, intermediate=160, layers=1)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["quantize", str(src), "-o", str(out), "-q", *CT_ARGS]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: --group-size 32 chosen: the default 128 would leave 7 of 7 "
+                                               "weights in float"), err
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert [r for r in json.loads((out / "report.json").read_text())["kept"] if r["name"].endswith("proj.weight")] == []
+    assert main(["quantize", str(src), "-o", str(tmp_path / "explicit"), *CT_ARGS, "--group-size", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--group-size 64 would leave" in err[0] and "Use --group-size 16 or 32" in err[0], err
+    assert "--allow-float" in err[0] and not (tmp_path / "explicit").exists()
 
 
 # --- loading in transformers ------------------------------------------------------------------------

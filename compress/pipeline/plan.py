@@ -145,7 +145,7 @@ def make_plan(infos: list[TensorInfo], method: str, config: Any, fmt: WeightForm
         if chosen:
             why_not = fmt.unsupported(info.shape, config)
             if why_not is not None:
-                chosen, reason = False, f"kept: {why_not}"
+                chosen, reason = False, why_not
         if chosen:
             outputs = tuple(fmt.packed_specs(info.name, info.shape, info.dtype, config))
         else:

@@ -8,7 +8,8 @@ The plan (:func:`~compress.pipeline.plan.make_plan`) decides each tensor's fate;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from compress.pipeline.run import RunOptions, json_safe, write_provenance
 from compress.pipeline.tasks import CopyTensor, ModelSource, Task, TaskContext, TaskResult
 from compress.quant import METHODS, config_to_dict, describe_config
 from compress.quant.base import QuantizedTensor
-from compress.quant.int4 import Int4Config
+from compress.quant.int4 import GROUP_SIZES, Int4Config
 from compress.quant.nf4 import NF4Config
 
 
@@ -190,6 +191,52 @@ class QuantizeRequest:
 def plan_quantize(reader: CheckpointReader, request: QuantizeRequest) -> Plan:
     return make_plan(reader.infos(), request.method, request.config, FORMATS[request.layout],  # type: ignore[arg-type]
                      include=request.include, exclude=request.exclude, algorithm=request.algorithm)
+
+
+# An explicit --group-size may leave at most this share of the quantizable parameters in float without --allow-float.
+FLOAT_SHARE_ALLOWED = 0.01
+
+
+def settle_group_size(request: QuantizeRequest, *, explicit: bool, allow_float: bool) -> tuple[QuantizeRequest,
+                                                                                                 str | None]:
+    """INT4 into a layout that needs the group size to divide every input size (compressed-tensors): with the
+    default group size, the largest one that lets the layout hold every selected layer, and a line saying so; with
+    an explicit one that would leave more than 1% of the quantizable parameters in float, an error naming the group
+    sizes that work (unless ``allow_float``). Returns the request to run and the line to show (or None)."""
+    config = request.config
+    if not isinstance(config, Int4Config):
+        return request, None
+    with open_model(request.model) as reader:
+        plans = {g: plan_quantize(reader, replace(request, config=replace(config, group_size=g)))
+                 for g in GROUP_SIZES}
+    wanted = {e.info.name: math.prod(e.info.shape) for p in plans.values() for e in p.quantized}
+    if not wanted:
+        return request, None
+    left = {g: {e.info.name for e in p.kept if e.info.name in wanted} for g, p in plans.items()}
+    total = sum(wanted.values())
+
+    def share(g: int) -> float:
+        return sum(wanted[n] for n in left[g]) / total
+
+    current = config.group_size
+    if share(current) == 0:
+        return request, None
+    best = min(share(g) for g in GROUP_SIZES)
+    working = [g for g in GROUP_SIZES if share(g) == best]
+    example = next(e for e in plans[current].kept if e.info.name in left[current])
+    why = f"{example.reason}" if example.reason else "the layout cannot hold them"
+    count = len(left[current])
+    if explicit:
+        if allow_float or share(current) <= FLOAT_SHARE_ALLOWED:
+            return request, None
+        raise OptionError(f"--group-size {current} would leave {count} of {len(wanted)} quantizable weights "
+                          f"({share(current):.0%} of their parameters) in float ({why})",
+                          fix=f"Use --group-size {' or '.join(map(str, working))}, or pass --allow-float if that is "
+                              "meant.")
+    chosen = max(working)
+    line = (f"--group-size {chosen} chosen: the default {current} would leave {count} of {len(wanted)} weights in "
+            f"float ({why})")
+    return replace(request, config=replace(config, group_size=chosen)), line
 
 
 def dry_run_quantize(request: QuantizeRequest) -> Plan:
