@@ -188,13 +188,14 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 @click.option("--include", default=None, help="Regex: also quantize 2-D float weights whose name matches.")
 @click.option("--exclude", default=None, help="Regex: keep tensors whose name matches in their dtype.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, methods, projected size); write nothing.")
+@click.option("--verbose", "-v", is_flag=True, help="With --dry-run: every tensor, not the summary.")
 @algorithm_options
 @run_options
 @shard_option
 @output_options
 def quantize(model: Path, out: Path | None, method: str, format_name: str | None, block_size: int,
              double_quant: bool, group_size: int | None, allow_float: bool, symmetric: bool, include: str | None,
-             exclude: str | None, dry_run: bool, shard_size: str, **common: Any) -> None:
+             exclude: str | None, dry_run: bool, verbose: bool, shard_size: str, **common: Any) -> None:
     """Quantize the Linear weights of MODEL (HF folder, .safetensors or .gguf) to 4 bits (NF4, FP4, INT4 in a
     folder) or to a llama.cpp file type (4 to 8 bits, --format gguf)."""
     from compress.pipeline import calibrated, gguf
@@ -230,7 +231,7 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
         if line is not None and not as_json:
             err_console.print(f"note: {line}", markup=False, highlight=False, emoji=False, soft_wrap=True)
         if dry_run:
-            return render.quantize_plan(out_console, q.dry_run_quantize(request), as_json)
+            return render.quantize_plan(out_console, q.dry_run_quantize(request), as_json, verbose)
         report = (q.quantize_folder(request, run) if settings.calibration is None else
                   calibrated.quantize_calibrated(request, settings.calibration, settings.gptq, run))
     render.result(out_console, out, report, report.bytes_after, as_json=as_json, quiet=quiet)  # type: ignore[arg-type]

@@ -83,7 +83,24 @@ def result(console: Console, out: Path, report: Any, size: int, *, as_json: bool
         console.print(f"wrote {out} ({human_bytes(size)}); report: {report_json.with_suffix('.md')}")
 
 
-def quantize_plan(console: Console, plan: Any, as_json: bool) -> None:
+def _plan_summary(console: Console, title: str, groups: dict[tuple[str, str], list[tuple[str, int, int]]]) -> None:
+    """One row per (action, reason): how many tensors, of which shapes, bytes before and after."""
+    table = Table(title=title)
+    for col in ("action", "reason", "tensors", "shapes", "bytes → after"):
+        table.add_column(col, overflow="fold")
+    for (action, reason), items in groups.items():
+        shapes: dict[str, int] = {}
+        for shape, _, _ in items:
+            shapes[shape] = shapes.get(shape, 0) + 1
+        listed = ", ".join(f"{s} ×{n}" for s, n in list(shapes.items())[:4])
+        if len(shapes) > 4:
+            listed += f", and {len(shapes) - 4} more"
+        before, after = sum(b for _, b, _ in items), sum(a for _, _, a in items)
+        table.add_row(action, reason, str(len(items)), listed, f"{human_bytes(before)} → {human_bytes(after)}")
+    console.print(table)
+
+
+def quantize_plan(console: Console, plan: Any, as_json: bool, verbose: bool = False) -> None:
     data = {
         "method": plan.method, "parameters": config_to_dict(plan.config), "format": plan.format.name,
         "algorithm": plan.algorithm, "bytes_before": plan.input_bytes, "bytes_after": plan.output_bytes,
@@ -95,17 +112,26 @@ def quantize_plan(console: Console, plan: Any, as_json: bool) -> None:
         echo_json(data)
         return
     how = "" if plan.algorithm == "rtn" else f", {plan.algorithm}"
-    table = Table(title=f"plan: {describe_config(plan.config)}{how} → {plan.format.name} (dry run, nothing written)")
-    table.add_column("tensor", overflow="fold", min_width=24)
-    for col in ("shape", "dtype", "action", "reason", "bytes → after"):
-        table.add_column(col)
-    for e in plan.entries:
-        table.add_row(e.info.name, "×".join(map(str, e.info.shape)), dtype_name(e.info.dtype),
-                      "quantize" if e.quantize else "keep", e.reason,
-                      f"{human_bytes(e.info.nbytes)} → {human_bytes(e.output_bytes)}")
-    console.print(table)
+    title = f"plan: {describe_config(plan.config)}{how} → {plan.format.name} (dry run, nothing written)"
+    if verbose:
+        table = Table(title=title)
+        table.add_column("tensor", overflow="fold", min_width=24)
+        for col in ("shape", "dtype", "action", "reason", "bytes → after"):
+            table.add_column(col)
+        for e in plan.entries:
+            table.add_row(e.info.name, "×".join(map(str, e.info.shape)), dtype_name(e.info.dtype),
+                          "quantize" if e.quantize else "keep", e.reason,
+                          f"{human_bytes(e.info.nbytes)} → {human_bytes(e.output_bytes)}")
+        console.print(table)
+    else:
+        groups: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
+        for e in plan.entries:
+            key = ("quantize" if e.quantize else "keep", e.reason)
+            groups.setdefault(key, []).append(("×".join(map(str, e.info.shape)), e.info.nbytes, e.output_bytes))
+        _plan_summary(console, title, groups)
     console.print(f"{len(plan.quantized)} tensors to quantize, {len(plan.kept)} kept; projected size "
-                  f"{human_bytes(plan.input_bytes)} → {human_bytes(plan.output_bytes)}")
+                  f"{human_bytes(plan.input_bytes)} → {human_bytes(plan.output_bytes)}"
+                  + ("" if verbose else " (every tensor: --verbose)"))
 
 
 def gguf_plan(console: Console, plan: Any, infos: list[Any], as_json: bool) -> None:

@@ -148,7 +148,16 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_llama: Path, tmp_path: Path
     st = out / "model.safetensors"
     assert plan["bytes_after"] == st.stat().st_size - _header_size(st)
     assert run("quantize", tiny_llama, "--dry-run") == 0  # no -o needed for a dry run
-    assert "projected size" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "projected size" in summary and "(every tensor: --verbose)" in summary
+    # The summary: one row per action and reason with counts and shapes, no tensor names.
+    words = " ".join(summary.split())
+    quantized = [t for t in plan["tensors"] if t["action"] == "quantize"]
+    assert f"Linear weight in a transformer block │ {len(quantized)} │" in words
+    assert "q_proj" not in summary and len(summary.splitlines()) < 15
+    assert run("quantize", tiny_llama, "--dry-run", "--verbose") == 0
+    every = capsys.readouterr().out
+    assert all(t["name"] in every for t in plan["tensors"])
 
 
 def test_include_exclude(tiny_llama: Path, tmp_path: Path, capsys) -> None:
