@@ -189,13 +189,17 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 @click.option("--exclude", default=None, help="Regex: keep tensors whose name matches in their dtype.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, methods, projected size); write nothing.")
 @click.option("--verbose", "-v", is_flag=True, help="With --dry-run: every tensor, not the summary.")
+@click.option("--tokenizer", default=None, metavar="PATH|none",
+              help="gguf: the tokenizer to carry (default: the model's own): a tokenizer.json or a folder with one, "
+                   "or 'none' (llama.cpp cannot run the file then).")
 @algorithm_options
 @run_options
 @shard_option
 @output_options
 def quantize(model: Path, out: Path | None, method: str, format_name: str | None, block_size: int,
              double_quant: bool, group_size: int | None, allow_float: bool, symmetric: bool, include: str | None,
-             exclude: str | None, dry_run: bool, verbose: bool, shard_size: str, **common: Any) -> None:
+             exclude: str | None, dry_run: bool, verbose: bool, tokenizer: str | None, shard_size: str,
+             **common: Any) -> None:
     """Quantize the Linear weights of MODEL (HF folder, .safetensors or .gguf) to 4 bits (NF4, FP4, INT4 in a
     folder) or to a llama.cpp file type (4 to 8 bits, --format gguf)."""
     from compress.pipeline import calibrated, gguf
@@ -221,10 +225,14 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
             if dry_run:
                 return render.gguf_plan(out_console, *gguf.dry_run_gguf(model, method, settings), as_json)
             assert out is not None
-            report = gguf.quantize_gguf(gguf.GGUFRequest(model, out, method, force, settings), run)
+            report = gguf.quantize_gguf(gguf.GGUFRequest(model, out, method, force, settings, tokenizer or "auto"),
+                                        run)
             side = gguf.sidecar_paths(out)["report_json"]
             return render.result(out_console, out, report, report.bytes_after, as_json=as_json, quiet=quiet,
                                  report_json=side)
+        if tokenizer is not None:
+            raise OptionError("--tokenizer applies to --format gguf",
+                              fix="Drop it: a folder output copies the model's tokenizer files as they are.")
         request = q.QuantizeRequest(model, out, method, config, fmt.name, include, exclude, size, force,
                                     settings.algorithm)
         request, line = q.settle_group_size(request, explicit=group_size is not None, allow_float=allow_float)

@@ -283,9 +283,46 @@ def test_tiny_quantized_logits_close(tiny: Path, tiny_exports: dict[str, tuple[P
 
 
 def test_tiny_tokenizer_required_unless_none(tiny: Path, tmp_path: Path) -> None:
-    with open_checkpoint(tiny) as reader, pytest.raises(InputError, match="tokenizer='none'"):
+    with open_checkpoint(tiny) as reader, pytest.raises(InputError, match="--tokenizer none"):
         export_gguf(reader, tmp_path / "x.gguf", "q8_0")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_option_of_the_command_line(model_256: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint folder without tokenizer files: the error names the options (never a Python argument);
+    --tokenizer PATH carries the tokenizer of another folder, exactly as from the model's own files;
+    --tokenizer none writes none, with a line saying llama.cpp cannot run the file."""
+    import shutil
+
+    from conftest import run_cli
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_256 / name, bare / name)
+    gguf_args = ("--method", "q8_0", "--format", "gguf", "-q")
+    r = run_cli(capsys, "quantize", bare, "-o", tmp_path / "x.gguf", *gguf_args)
+    assert r.rc == 2 and "--tokenizer PATH" in r.err and "--tokenizer none" in r.err and "tokenizer=" not in r.err
+    assert not (tmp_path / "x.gguf").exists()
+    own, other = tmp_path / "own.gguf", tmp_path / "other.gguf"
+    assert run_cli(capsys, "quantize", model_256, "-o", own, *gguf_args).rc == 0
+    for source in (model_256, model_256 / "tokenizer.json"):  # a folder, or the file itself
+        r = run_cli(capsys, "quantize", bare, "-o", other, *gguf_args, "--tokenizer", source, "--force")
+        assert r.rc == 0, r.err
+        a, b = gguf.GGUFReader(own), gguf.GGUFReader(other)
+        keys = [k for k in a.fields if k.startswith("tokenizer.")]
+        assert len(keys) > 5 and keys == [k for k in b.fields if k.startswith("tokenizer.")]
+        for k in keys:
+            assert a.fields[k].contents() == b.fields[k].contents(), k
+    none = tmp_path / "none.gguf"
+    r = run_cli(capsys, "quantize", bare, "-o", none, "--method", "q8_0", "--format", "gguf", "--tokenizer", "none")
+    assert r.rc == 0 and "llama.cpp cannot run this file" in " ".join(r.out.split()), r.out
+    assert not any(k.startswith("tokenizer.") for k in gguf.GGUFReader(none).fields)
+    r = run_cli(capsys, "quantize", bare, "-o", tmp_path / "y.gguf", *gguf_args, "--tokenizer", tmp_path / "nowhere")
+    assert r.rc == 2 and "no such file or folder" in r.err
+    r = run_cli(capsys, "quantize", bare, "-o", tmp_path / "f", "--tokenizer", "none")
+    assert r.rc == 2 and "--tokenizer applies to --format gguf" in r.err
 
 
 def test_options_and_output_errors(tiny: Path, tiny_exports: dict[str, tuple[Path, dict[str, Any]]],

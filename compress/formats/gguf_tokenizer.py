@@ -18,6 +18,9 @@ from typing import Any
 
 from compress.errors import InputError
 
+TOKENIZER_FIX = ("Pass --tokenizer PATH (a tokenizer.json, or a folder with one) to carry one from elsewhere, or "
+                 "--tokenizer none to write the GGUF without one (llama.cpp cannot run it then).")
+
 logger = logging.getLogger(__name__)
 
 # llama.cpp's convert_hf_to_gguf.py identifies a BPE pre-tokenizer by encoding this text and hashing the ids.
@@ -103,7 +106,7 @@ def hf_bpe_vocab(tokenizer_json: dict[str, Any], vocab_size: int, where: str) ->
     Llama 3). Differences from llama.cpp: added tokens are not re-normalised through
     encode/decode (a no-op for byte-level BPE special tokens).
     """
-    fix = "Pass tokenizer='none' to write the GGUF without a tokenizer (llama.cpp cannot run it then)."
+    fix = TOKENIZER_FIX
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else model.get("type")
@@ -148,7 +151,7 @@ def add_hf_tokenizer(writer: Any, extra: dict[str, bytes | Path], config: dict[s
     files ``extra``) into the GGUF ``writer``, for a model of ``vocab_size`` tokens."""
     import gguf
 
-    fix = "Pass tokenizer='none' to write the GGUF without a tokenizer (llama.cpp cannot run it then)."
+    fix = TOKENIZER_FIX
     if "tokenizer.json" not in extra:
         sp = " (tokenizer.model, SentencePiece, is not supported yet)" if "tokenizer.model" in extra else ""
         raise InputError(f"checkpoint has no tokenizer.json to carry into the GGUF{sp}", where=where, fix=fix)

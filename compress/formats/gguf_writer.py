@@ -35,12 +35,28 @@ import torch
 
 from compress.errors import InputError
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
-from compress.formats.gguf_tokenizer import add_hf_tokenizer
+from compress.formats.gguf_tokenizer import TOKENIZER_FIX, add_hf_tokenizer
 from compress.formats.output import OutputFile
 from compress.formats.sink import Encoded, Sink
 from compress.quant.ggml_types import FTYPE_IDS, GGML_TYPES, ggml_nbytes
 
-TOKENIZER_MODES = ("auto", "none")
+TOKENIZER_MODES = ("auto", "none")  # or a path: a tokenizer.json, or a folder holding one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def tokenizer_files(path: Path) -> dict[str, bytes | Path]:
+    """The tokenizer files --tokenizer PATH names: a tokenizer.json file (its folder's other tokenizer files come
+    with it), or a folder holding one."""
+    if not path.exists():
+        raise InputError(f"--tokenizer {path}: no such file or folder", fix=TOKENIZER_FIX)
+    folder = path if path.is_dir() else path.parent
+    files: dict[str, bytes | Path] = {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
+    if path.is_file():
+        files["tokenizer.json"] = path
+    if "tokenizer.json" not in files:
+        raise InputError(f"--tokenizer {path}: no tokenizer.json there", fix=TOKENIZER_FIX)
+    return files
 GGML_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION, written by every llama.cpp converter
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # both are general.architecture = llama in llama.cpp
 
@@ -303,10 +319,16 @@ class GGUFSink(Sink):
                 keys = _copy_fields(writer, src, ("tokenizer.",), notes)
                 if "tokenizer.ggml.model" not in keys:
                     raise InputError("the source GGUF has no tokenizer (tokenizer.ggml.model)", where=where,
-                                     fix="Pass tokenizer='none' to export without one.")
+                                     fix=TOKENIZER_FIX)
                 self.tokenizer = {"source": "gguf", "keys": keys}
             else:
                 self.tokenizer = add_hf_tokenizer(writer, reader.extra_files(), reader.config, p.vocab, where)
+        elif tokenizer != "none":  # a path given with --tokenizer
+            self.tokenizer = add_hf_tokenizer(writer, tokenizer_files(Path(tokenizer)), reader.config, p.vocab,
+                                              tokenizer)
+            self.tokenizer["source"] = str(Path(tokenizer).resolve())
+        else:
+            notes.append("no tokenizer written (--tokenizer none): llama.cpp cannot run this file")
         writer.add_quantization_version(GGML_QUANT_VERSION)
         if rope_freqs is None:
             return []

@@ -31,7 +31,7 @@ from compress.errors import InputError, OptionError
 from compress.formats.base import dtype_name
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
 from compress.formats.gguf_names import LLAMA_LAYER_NAMES, gguf_name, permute_qk, qk_heads
-from compress.formats.gguf_writer import TOKENIZER_MODES, GGUFSink, GGUFTensorInfo, LlamaParams, llama_params
+from compress.formats.gguf_writer import GGUFSink, GGUFTensorInfo, LlamaParams, llama_params
 from compress.formats.imatrix import ImportanceMatrix, read_imatrix, write_imatrix
 from compress.formats.inputs import open_model
 from compress.formats.output import OutputFile, check_output, json_text
@@ -289,8 +289,8 @@ def check_options(method: str, embeddings_type: str | None, tokenizer: str) -> N
         raise OptionError(f"GGUF method must be one of {', '.join(METHODS)}, got {method!r}")
     if embeddings_type is not None and embeddings_type not in TENSOR_TYPES:
         raise OptionError(f"embeddings type must be one of {', '.join(TENSOR_TYPES)}, got {embeddings_type!r}")
-    if tokenizer not in TOKENIZER_MODES:
-        raise OptionError(f"tokenizer must be one of {', '.join(TOKENIZER_MODES)}, got {tokenizer!r}")
+    if not tokenizer:
+        raise OptionError("--tokenizer is empty", fix="Give a tokenizer.json, a folder with one, or none.")
 
 
 def export_gguf(reader: CheckpointReader, out_file: str | Path, method: str = "q4_0", *,
@@ -384,6 +384,7 @@ class GGUFRequest:
     method: str
     force: bool = False
     settings: AlgorithmSettings = field(default_factory=AlgorithmSettings)
+    tokenizer: str = "auto"  # auto (the model's own), none, or a path (--tokenizer)
 
 
 def dry_run_gguf(model: Path, method: str, settings: AlgorithmSettings = AlgorithmSettings()  # noqa: B008
@@ -441,7 +442,7 @@ def quantize_gguf(request: GGUFRequest, run: RunOptions) -> QuantizeReport:
         infos = {i.name: i for i in reader.infos()}
         rows = GGUFRows()
         with GGUFSink(request.out, force=request.force, reader=reader, params=plan.params, file_type=plan.method,
-                      tensors=plan.tensors) as sink, \
+                      tensors=plan.tensors, tokenizer=request.tokenizer) as sink, \
                 Executor(run.executor, sources={"model": ModelSource(str(request.model))}, opened={"model": reader},
                          device=run.device) as executor:
             run.start(f"{request.method} (gguf{', gptq' if calibrated else ''})",
