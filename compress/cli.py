@@ -531,6 +531,16 @@ def main(argv: list[str] | None = None) -> int:
             return _stopped(e.__cause__)
         err_console.print("interrupted; nothing was written", markup=False, emoji=False)
         return 130
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from compress.formats.output import disk_full_message
+
+        err_console.print(f"error: {disk_full_message(e)}. Free some space, or write elsewhere (-o).", markup=False,
+                          highlight=False, emoji=False, soft_wrap=True)
+        return 2
     except click.ClickException as e:
         err_console.print(f"error: {' '.join(e.format_message().split())}", markup=False, highlight=False, emoji=False,
                           soft_wrap=True)

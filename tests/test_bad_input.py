@@ -789,3 +789,40 @@ def test_harness_can_fail(capsys: pytest.CaptureFixture[str], tmp_path: Path, go
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert snapshot(good_folder) != before
+
+
+# --- a full disk ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 1 MiB tmpfs (needs the right to mount, as root in CI has); skipped where it cannot be made."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tiny_llama: Path, small_disk: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC: one line with the output's projected size and the free space, exit 2, no temporary output left,
+    and an existing output replaced with --force stays intact."""
+    good = small_disk / "out"
+    assert run(capsys, "quantize", tiny_llama, "-o", good, "--method", "nf4", "-q").rc == 0  # ~0.45 MiB: fits
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    nf4 = tmp_path / "nf4"
+    assert run(capsys, "quantize", tiny_llama, "-o", nf4, "--method", "nf4", "-q").rc == 0
+    for target, extra in ((small_disk / "float", ()), (good, ("--force",))):  # float32: ~1.4 MiB, does not fit
+        r = run(capsys, "dequantize", nf4, "-o", target, "-q", *extra)
+        assert r.rc == 2 and r.out == ""
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: no space left on the device while writing {target}: "
+                                                       "the output needs about 1.4 MiB, "), r.err
+        assert "MiB were free there; nothing was written" in lines[0]
+        assert sorted(p.name for p in small_disk.iterdir()) == ["out"]  # no temporary output
+        assert {p.name: p.read_bytes() for p in good.iterdir()} == before  # the existing output is intact

@@ -14,6 +14,7 @@ such as a ``.gguf``, plus sidecar files beside it, e.g. ``OUT.report.md``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -65,6 +66,39 @@ def check_output(out: Path, *, force: bool, inputs: list[Path], kind: str = "fol
 def _hidden(path: Path, tag: str) -> Path:
     """A hidden path beside ``path`` naming the writing process: ``.NAME.tmp-PID-XXXXXXXX``."""
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+class _Writing:
+    """The output being written now and its projected size, for the message a full disk gets."""
+
+    out: Path | None = None
+    expected_bytes: int | None = None
+
+
+WRITING = _Writing()
+
+
+def expect_output_bytes(nbytes: int) -> None:
+    """The projected size of the output about to be written (said when the disk fills up)."""
+    WRITING.expected_bytes = int(nbytes)
+
+
+def disk_full_message(error: OSError) -> str:
+    """One line for ENOSPC / EDQUOT: where, how much the output needs (when projected) and how much was free."""
+    out = WRITING.out
+    place = out if out is not None else Path(error.filename or ".")
+    probe = place
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+        free_text = f"{free / 2**20:.1f} MiB were free there"
+    except OSError:
+        free_text = "the free space could not be read"
+    kind = "the disk quota is exhausted" if error.errno == errno.EDQUOT else "no space left on the device"
+    need = (f"the output needs about {WRITING.expected_bytes / 2**20:.1f} MiB, "
+            if WRITING.expected_bytes is not None else "")
+    return f"{kind} while writing {place}: {need}{free_text}; nothing was written"
 
 
 def notice(line: str) -> None:
@@ -128,6 +162,7 @@ class Staging:
         self._done = False
 
     def _make_parent(self) -> None:
+        WRITING.out = self.out
         self._created = [p for p in (self.parent, *self.parent.parents) if not p.exists()]  # innermost first
         if not self._created:
             remove_leftovers(self.out)

@@ -13,7 +13,7 @@ from compress.errors import InputError
 from compress.formats import FORMATS
 from compress.formats.gguf_reader import GGUFReader
 from compress.formats.inputs import open_model
-from compress.formats.output import check_output
+from compress.formats.output import check_output, expect_output_bytes
 from compress.formats.quantized import DequantizingReader
 from compress.formats.writer import FolderSink, TensorSpec, write_model_files
 from compress.pipeline.execute import execute
@@ -51,6 +51,7 @@ def dequantize(request: DequantizeRequest, run: RunOptions) -> dict[str, Any]:
         specs = [TensorSpec(i.name, dtype if (dtype and is_quantized(i.name)) else i.dtype, i.shape) for i in infos]
         tasks = [CopyTensor(i.name, i.nbytes, "model", i.shape, i.dtype, cast_to=s.dtype)
                  for i, s in zip(infos, specs, strict=True)]
+        expect_output_bytes(sum(s.nbytes for s in specs))
         run.start("dequantize", sum(i.nbytes for i in infos), len(tasks))
         with FolderSink(request.out, force=request.force, specs=specs, shard_bytes=request.shard_bytes) as sink:
             stats = execute(tasks, sink, lambda row: None, sources={"model": ModelSource(str(request.model))},

@@ -34,7 +34,7 @@ from compress.formats.gguf_names import LLAMA_LAYER_NAMES, gguf_name, permute_qk
 from compress.formats.gguf_writer import GGUFSink, GGUFTensorInfo, LlamaParams, llama_params
 from compress.formats.imatrix import ImportanceMatrix, read_imatrix, write_imatrix
 from compress.formats.inputs import open_model
-from compress.formats.output import OutputFile, check_output, json_text
+from compress.formats.output import OutputFile, check_output, expect_output_bytes, json_text
 from compress.formats.sink import Encoded, encode_packed
 from compress.metrics import ErrorMetrics, compare
 from compress.pipeline.algorithm import AlgorithmSettings
@@ -445,6 +445,7 @@ def quantize_gguf(request: GGUFRequest, run: RunOptions) -> QuantizeReport:
                       tensors=plan.tensors, tokenizer=request.tokenizer) as sink, \
                 Executor(run.executor, sources={"model": ModelSource(str(request.model))}, opened={"model": reader},
                          device=run.device) as executor:
+            expect_output_bytes(sum(t.nbytes for t in sink.tensors))
             run.start(f"{request.method} (gguf{', gptq' if calibrated else ''})",
                       sum(infos[t.source].nbytes for t in plan.tensors if t.source is not None), len(plan.tensors))
             if calibrated is not None:

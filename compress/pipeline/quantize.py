@@ -20,7 +20,7 @@ from compress.formats import FORMATS
 from compress.formats.base import dtype_name
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.inputs import open_model
-from compress.formats.output import check_output, write_json
+from compress.formats.output import check_output, expect_output_bytes, write_json
 from compress.formats.quantized import DequantizingReader, model_dtype
 from compress.formats.sink import encode
 from compress.formats.writer import FolderSink, write_model_files
@@ -257,6 +257,7 @@ def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport
         report = QuantizeReport(method=plan.method, parameters=algorithm_parameters(plan), format=plan.format.name,
                                 bytes_before=plan.input_bytes, bytes_after=plan.output_bytes, notes=plan_notes(plan))
         tasks = [entry_task(e, plan) for e in plan.entries]
+        expect_output_bytes(plan.output_bytes)
         run.start(f"{plan.method} ({describe_config(plan.config)})", plan.input_bytes, len(tasks))
         with FolderSink(out, force=request.force, specs=plan.output_specs(), shard_bytes=request.shard_bytes) as sink:
             stats = execute(tasks, sink, report.add, sources={"model": ModelSource(str(request.model))},
