@@ -468,6 +468,7 @@ def test_int8_linear_weight_is_kept_with_a_reason(capsys: pytest.CaptureFixture[
     The plan's rule (documented in --include's help: it "also quantize[s] 2-D float weights"): non-float
     tensors are kept with the reason "not a float tensor", also when --include names them. They are not
     an error: integer tensors (e.g. masks, indices) are legitimate, and quantizing integers makes no sense.
+    But where a Linear weight of the blocks is expected, it is odd: one warning line (never a silent exit 0).
     """
     int8_name = "model.layers.0.mlp.gate_proj.weight"
     tensors = {**good_tensors(), int8_name: torch.arange(512, dtype=torch.int8).reshape(8, 64)}
@@ -477,15 +478,21 @@ def test_int8_linear_weight_is_kept_with_a_reason(capsys: pytest.CaptureFixture[
         r = run(capsys, "quantize", folder, "--dry-run", "--json", *extra)
         assert r.rc == 0, r
         plan = {t["name"]: t for t in json.loads(r.out)["tensors"]}
-        assert plan[int8_name]["action"] == "keep" and plan[int8_name]["reason"] == "not a float tensor"
+        assert plan[int8_name]["action"] == "keep" and plan[int8_name]["reason"] == "not a float tensor (int8)"
         assert plan[WEIGHT]["action"] == "quantize"
         out = tmp_path / f"out{i}"
         r = run(capsys, "quantize", folder, "-o", out, "--quiet", *extra)
-        assert (r.rc, r.err) == (0, ""), r
+        assert r.rc == 0, r
+        expected = [f"warning: 1 Linear weights of the blocks are not float and were kept as they are (first: "
+                    f"'{int8_name}', int8)"]
+        if extra:  # the --include names only that tensor
+            expected.append("warning: --include 'gate_proj' matched 1 tensors, none of which can be quantized (not a "
+                            "float tensor (int8))")
+        assert r.err.strip().splitlines() == expected, r.err
         with safe_open(str(out / "model.safetensors"), framework="pt") as f:
             assert torch.equal(f.get_tensor(int8_name), tensors[int8_name])
         kept = {k["name"]: k for k in json.loads((out / "report.json").read_text())["kept"]}
-        assert kept[int8_name]["reason"] == "not a float tensor" and kept[int8_name]["dtype"] == "int8"
+        assert kept[int8_name]["reason"] == "not a float tensor (int8)" and kept[int8_name]["dtype"] == "int8"
     assert snapshot(folder) == before
 
 
@@ -826,3 +833,48 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_llama: Path, small_disk: 
         assert "MiB were free there; nothing was written" in lines[0]
         assert sorted(p.name for p in small_disk.iterdir()) == ["out"]  # no temporary output
         assert {p.name: p.read_bytes() for p in good.iterdir()} == before  # the existing output is intact
+
+
+# --- odd inputs the run goes on with: a warning line and a note in the report, never a silent exit 0 --------
+
+
+def odd_checkpoint(src: Path, folder: Path, case: str) -> Path:
+    tensors = load_file(str(src / "model.safetensors"))
+    folder.mkdir()
+    shutil.copy(src / "config.json", folder / "config.json")
+    name = "model.layers.0.mlp.up_proj.weight"
+    if case == "int-weight":
+        tensors[name] = torch.ones(tuple(tensors[name].shape), dtype=torch.int32)
+    elif case == "empty-weight":
+        tensors[name] = torch.ones(0, tensors[name].shape[1])
+    if case != "two-shards":
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
+    names = list(tensors)
+    first, second = names[: len(names) // 2], names[len(names) // 2:]
+    save_file({n: tensors[n] for n in first}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({n: tensors[n] for n in [*second, first[0]]}, str(folder / "model-00002-of-00002.safetensors"))
+    index = {n: "model-00001-of-00002.safetensors" for n in first}
+    index.update({n: "model-00002-of-00002.safetensors" for n in second})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return folder
+
+
+@pytest.mark.parametrize(("case", "args", "words"), [
+    ("int-weight", (), "Linear weights of the blocks are not float and were kept as they are (first: "
+                       "'model.layers.0.mlp.up_proj.weight', int32)"),
+    ("empty-weight", (), "weights have a dimension of size 0 and were kept as they are"),
+    ("two-shards", (), "tensors are stored in more than one shard"),
+    ("include-norms", ("--include", "norm"), "--include 'norm' matched 5 tensors, none of which can be quantized"),
+    ("include-nothing", ("--include", "zzz"), "--include 'zzz' matched no tensor"),
+])
+def test_odd_inputs_warn_and_note(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
+                                  args: tuple[str, ...], words: str) -> None:
+    src = tiny_llama if case.startswith("include") else odd_checkpoint(tiny_llama, tmp_path / "odd", case)
+    out = tmp_path / "out"
+    r = run(capsys, "quantize", src, "-o", out, "-q", *args)
+    assert r.rc == 0, r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and words in lines[0], r.err
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert any(words in n for n in notes), notes

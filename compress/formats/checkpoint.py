@@ -208,6 +208,8 @@ class SafetensorsReader(CheckpointReader):
         self._infos: list[TensorInfo] = []
         self._file_of: dict[str, Path] = {}
         self._offset_of: dict[str, int] = {}  # absolute byte offset of each tensor's data
+        self.warnings: list[str] = []  # odd but readable: the plan shows them
+        owners: dict[str, list[Path]] = {}
         for file in files:
             header = read_safetensors_header(file)
             try:  # the library's own checks; the handle is not kept (see the module docstring)
@@ -221,6 +223,7 @@ class SafetensorsReader(CheckpointReader):
             entries = sorted(((v["data_offsets"][0], k, v) for k, v in header.items()
                               if k != "__metadata__"), key=lambda t: t[0])
             for _, name, entry in entries:
+                owners.setdefault(name, []).append(file)
                 if weight_map is not None and weight_map.get(name) != file:
                     continue  # the index decides which shard owns a name
                 if name in self._file_of:
@@ -233,6 +236,12 @@ class SafetensorsReader(CheckpointReader):
                 self._offset_of[name] = data_start + entry["data_offsets"][0]
                 self._infos.append(TensorInfo(name, tuple(entry["shape"]),
                                               SAFETENSORS_DTYPES[entry["dtype"]], file))
+        twice = [n for n, f in owners.items() if len(f) > 1 and n in self._file_of]
+        if twice:
+            name = twice[0]
+            self.warnings.append(f"{len(twice)} tensors are stored in more than one shard (first: '{name}' in "
+                                 f"{', '.join(f.name for f in owners[name])}); the index's choice was read "
+                                 f"({self._file_of[name].name}) and the other copies ignored")
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._file_of))
             if missing:

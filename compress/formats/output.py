@@ -101,9 +101,10 @@ def disk_full_message(error: OSError) -> str:
     return f"{kind} while writing {place}: {need}{free_text}; nothing was written"
 
 
-def notice(line: str) -> None:
-    """One line to stderr for the user (the CLI prints errors itself; this is for what it should know)."""
-    print(f"note: {line}", file=sys.stderr, flush=True)
+def notice(line: str, *, kind: str = "note") -> None:
+    """One line to stderr for the user (the CLI prints errors itself; this is for what it should know):
+    ``note`` or ``warning`` (the run goes on, but the input was odd)."""
+    print(f"{kind}: {line}", file=sys.stderr, flush=True)
 
 
 def _process_alive(pid: int) -> bool:

@@ -43,6 +43,7 @@ from compress.pipeline.quantize import (
     plan_notes,
     plan_quantize,
     requantized_note,
+    show_warnings,
     write_quantized_files,
     write_report,
 )
@@ -196,6 +197,7 @@ def quantize_calibrated(request: QuantizeRequest, calibration: CalibrationOption
     check_output(out, force=request.force, inputs=[request.model])
     with open_model(request.model) as reader:
         plan = plan_quantize(reader, request)
+        show_warnings(plan)
         tokens, text_sha256 = calibration_tokens(request.model, calibration, [])
         calibrated = CalibratedRun(reader, plan, tokens, gptq, run)
         report = QuantizeReport(method=plan.method, parameters=algorithm_parameters(plan), format=plan.format.name,

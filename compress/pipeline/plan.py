@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ class TensorPlan:
     quantize: bool
     reason: str
     outputs: tuple[TensorSpec, ...]
+    unsupported: bool = False  # selected, but the layout cannot hold it (kept in float)
 
     @property
     def output_bytes(self) -> int:
@@ -71,6 +72,7 @@ class Plan:
     format: WeightFormat
     entries: list[TensorPlan] = field(default_factory=list)
     algorithm: str = "rtn"  # how quantized tensors choose their grid (compress.quant.ALGORITHMS)
+    warnings: list[str] = field(default_factory=list)  # odd inputs the run goes on with (shown, and in the report)
 
     @property
     def quantized(self) -> list[TensorPlan]:
@@ -131,8 +133,14 @@ def make_plan(infos: list[TensorInfo], method: str, config: Any, fmt: WeightForm
     config = fmt.adapt_config(config, dtypes.most_common(1)[0][0] if dtypes else torch.float32)
     check_algorithm(method, algorithm)
     plan = Plan(method=method, config=config, format=fmt, algorithm=algorithm)
+    odd_dtype, empty, included = [], [], []
     for info in infos:
         chosen, reason = default_choice(info)
+        if not info.dtype.is_floating_point and default_choice(replace(info, dtype=torch.float32))[0]:
+            odd_dtype.append(info)  # where a Linear weight of the blocks is expected
+            reason = f"not a float tensor ({str(info.dtype).removeprefix('torch.')})"
+        if include_re is not None and include_re.search(info.name):
+            included.append((info, reason))
         if (include_re is not None and include_re.search(info.name) and not chosen
                 and info.dtype.is_floating_point and len(info.shape) == 2):
             chosen, reason = True, "selected by --include"
@@ -142,15 +150,35 @@ def make_plan(infos: list[TensorInfo], method: str, config: Any, fmt: WeightForm
             raise InputError(f"tensor '{info.name}' is {str(info.dtype).removeprefix('torch.')}, which cannot be "
                              "quantized", where=str(info.file),
                              fix="Convert the checkpoint to float32, float16 or bfloat16, or --exclude the tensor.")
+        if chosen and 0 in info.shape:
+            chosen, reason = False, "empty (a dimension of size 0)"
+            empty.append(info)
+        unsupported = False
         if chosen:
             why_not = fmt.unsupported(info.shape, config)
             if why_not is not None:
-                chosen, reason = False, why_not
+                chosen, reason, unsupported = False, why_not, True
         if chosen:
             outputs = tuple(fmt.packed_specs(info.name, info.shape, info.dtype, config))
         else:
             outputs = (TensorSpec(info.name, info.dtype, info.shape),)
-        plan.entries.append(TensorPlan(info=info, quantize=chosen, reason=reason, outputs=outputs))
+        plan.entries.append(TensorPlan(info=info, quantize=chosen, reason=reason, outputs=outputs,
+                                       unsupported=unsupported))
+    if odd_dtype:
+        plan.warnings.append(f"{len(odd_dtype)} Linear weights of the blocks are not float and were kept as they are "
+                             f"(first: '{odd_dtype[0].name}'"
+                             f", {str(odd_dtype[0].dtype).removeprefix('torch.')})")
+    if empty:
+        plan.warnings.append(f"{len(empty)} weights have a dimension of size 0 and were kept as they are (first: "
+                             f"'{empty[0].name}', shape {list(empty[0].shape)})")
+    if include_re is not None:
+        selected = {e.info.name for e in plan.quantized}
+        if not included:
+            plan.warnings.append(f"--include {include!r} matched no tensor")
+        elif not any(i.name in selected for i, _ in included):
+            reasons = sorted({r for _, r in included})
+            plan.warnings.append(f"--include {include!r} matched {len(included)} tensors, none of which can be "
+                                 f"quantized ({'; '.join(reasons[:3])})")
     names = [s.name for s in plan.output_specs()]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)

@@ -20,7 +20,7 @@ from compress.formats import FORMATS
 from compress.formats.base import dtype_name
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.inputs import open_model
-from compress.formats.output import check_output, expect_output_bytes, write_json
+from compress.formats.output import check_output, expect_output_bytes, notice, write_json
 from compress.formats.quantized import DequantizingReader, model_dtype
 from compress.formats.sink import encode
 from compress.formats.writer import FolderSink, write_model_files
@@ -128,11 +128,11 @@ def plan_notes(plan: Plan) -> list[str]:
                 "so blocks span rows. The layout is valid (bitsandbytes' own quantize_4bit produces it), but "
                 "bitsandbytes 0.50's CPU dequantize kernel reconstructs such layers wrongly; CUDA is unaffected. "
                 "For CPU inference with bitsandbytes pick a block size that divides every input size.")
-    kept_linear = [e for e in plan.kept if e.reason.startswith("kept:")]
+    kept_linear = [e for e in plan.kept if e.unsupported]
     if kept_linear:
         notes.append(f"{len(kept_linear)} Linear weights were kept in float because the format cannot hold them "
                      f"(first: {kept_linear[0].info.name}: {kept_linear[0].reason}).")
-    return notes
+    return notes + plan.warnings
 
 
 def requantized_note(reader: CheckpointReader, what: str = "input") -> list[str]:
@@ -189,8 +189,11 @@ class QuantizeRequest:
 
 
 def plan_quantize(reader: CheckpointReader, request: QuantizeRequest) -> Plan:
-    return make_plan(reader.infos(), request.method, request.config, FORMATS[request.layout],  # type: ignore[arg-type]
+    plan = make_plan(reader.infos(), request.method, request.config, FORMATS[request.layout],  # type: ignore[arg-type]
                      include=request.include, exclude=request.exclude, algorithm=request.algorithm)
+    inner = getattr(reader, "inner", reader)  # a quantized checkpoint's reader wraps the file reader
+    plan.warnings += list(getattr(inner, "warnings", []))
+    return plan
 
 
 # An explicit --group-size may leave at most this share of the quantizable parameters in float without --allow-float.
@@ -241,7 +244,14 @@ def settle_group_size(request: QuantizeRequest, *, explicit: bool, allow_float: 
 
 def dry_run_quantize(request: QuantizeRequest) -> Plan:
     with open_model(request.model) as reader:
-        return plan_quantize(reader, request)
+        plan = plan_quantize(reader, request)
+    show_warnings(plan)
+    return plan
+
+
+def show_warnings(plan: Plan) -> None:
+    for line in plan.warnings:
+        notice(line, kind="warning")
 
 
 def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport:
@@ -251,6 +261,7 @@ def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport
     check_output(out, force=request.force, inputs=[request.model])
     with open_model(request.model) as reader:
         plan = plan_quantize(reader, request)
+        show_warnings(plan)
         if not plan.quantized:
             raise OptionError("no tensor is selected for quantization",
                               fix="Check --include/--exclude, or run with --dry-run to see why each tensor is kept.")
