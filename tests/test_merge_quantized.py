@@ -256,6 +256,29 @@ def test_lora_into_quantized_base_strategies(setup: dict[str, Path], tmp_path: P
     assert code == 2 and "--strategy fold cannot merge" in err and not (tmp_path / "nf4").exists()
 
 
+def test_update_lost_is_the_missing_share_along_the_update(setup: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The report's update_lost and realised_cosine, recomputed here: realised = dequant(merged) - dequant(base),
+    dW = B A alpha/r from the adapter file; lost = 1 - <realised, dW> / ||dW||^2 in [0, 1]."""
+    out = tmp_path / "out"
+    assert run(capsys, "merge", setup["native"], "--adapter", setup["lora"], "--quantize", "int4", "--format",
+               "native", "-o", out, "-q")[0] == 0
+    rows = {r["tensor"]: r for r in json.loads((out / "report.json").read_text())["requantization"]["tensors"]}
+    config = json.loads((setup["lora"] / "adapter_config.json").read_text())
+    factors = load_file(str(setup["lora"] / "adapter_model.safetensors"))
+    with open_model(setup["native"]) as base, open_model(out) as merged:
+        for name, row in rows.items():
+            module = "base_model.model." + name.removesuffix(".weight")
+            dW = (factors[f"{module}.lora_B.weight"].double() @ factors[f"{module}.lora_A.weight"].double()
+                  * (config["lora_alpha"] / config["r"]))
+            realised = merged.get(name).double() - base.get(name).double()
+            inner = float((realised * dW).sum())
+            expected = min(1.0, max(0.0, 1.0 - inner / float((dW * dW).sum())))
+            assert 0.0 <= row["update_lost"] <= 1.0
+            assert row["update_lost"] == pytest.approx(expected, abs=1e-6), name
+            assert row["realised_cosine"] == pytest.approx(inner / float(realised.norm() * dW.norm()), abs=1e-6)
+
+
 def test_qalora_fold_into_gguf_q4_1(tiny_llama_tok: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Q4_1's per-block minimum is a float16 offset: a QA-LoRA update with groups of 32 goes into it."""

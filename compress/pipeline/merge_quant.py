@@ -70,7 +70,7 @@ class RequantRow:
     tried: dict[str, float]  # strategy -> relative error against the ideal
     update_rel: float  # ||dW|| / ||ideal||
     realised_cosine: float  # cos(dequant(W') - dequant(quantized base), dW)
-    update_lost: float  # ||realised - dW|| / ||dW||
+    update_lost: float  # 1 - <realised, dW> / ||dW||^2 clamped to [0, 1]: the share of dW missing, along dW
     update_over_step: float  # rms(dW) / mean quantization step
 
     def as_dict(self) -> dict[str, Any]:
@@ -293,8 +293,8 @@ class MergeQuantizeTensor(Task):
         realised = qt.dequantize(torch.float32) - deq_base
         d_norm = frobenius_norm(dW)
         r_norm = frobenius_norm(realised)
-        lost = frobenius_norm(realised - dW) / d_norm if d_norm > 0 else 0.0
         inner = (r_norm**2 + d_norm**2 - frobenius_norm(realised - dW) ** 2) / 2
+        lost = share_lost(inner, d_norm)
         cosine = inner / (r_norm * d_norm) if r_norm > 0 and d_norm > 0 else (1.0 if d_norm == 0 else 0.0)
         step = _mean_step(qt)
         rms = d_norm / math.sqrt(dW.numel()) if dW.numel() else 0.0
@@ -321,6 +321,18 @@ def merge_quantize_tasks(plan: Plan, *, strategy: str, float_base: bool) -> list
     return tasks
 
 
+def share_lost(inner: float, d_norm: float) -> float:
+    """The share of the intended update dW missing from the realised change, measured along dW:
+    1 - <realised, dW> / ||dW||^2, clamped to [0, 1] (0: all of it arrived; 1: none, or only noise across it)."""
+    if d_norm <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - inner / d_norm**2))
+
+
+def upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def finish_requant_notes(requant: RequantReport, layout: str, config: Any) -> None:
     """The notes that follow from all the rows: rounded integer offsets, updates mostly lost."""
     if offsets_of(layout, config) == "integer" and any(r.strategy.startswith(("fold", "refit")) for r in requant.rows):
@@ -328,9 +340,12 @@ def finish_requant_notes(requant: RequantReport, layout: str, config: Any) -> No
                              "steps (see each tensor's error); --format native keeps them exact")
     lost = requant.totals()["tensors_mostly_lost"]
     if lost:
+        had_float = any(r.ideal == "float base + update" for r in requant.rows)
+        ways = ["a QA-LoRA adapter (folded exactly)", *([] if had_float else ["the float base (--float-base)"]),
+                "a smaller group size", "8 bits"]
         requant.notes.append(f"{lost} tensors lost most of their update to rounding: the update is small against "
-                             "the quantization step. A QA-LoRA adapter (folded exactly), the float base "
-                             "(--float-base), a smaller group size or 8 bits would keep it")
+                             f"the quantization step. {upper_first(', '.join(ways[:-1]))} or {ways[-1]} would keep "
+                             "more of it")
 
 
 def _merge_one(dW: torch.Tensor, ideal: torch.Tensor, base_q: QuantizedTensor | None, float_W: torch.Tensor | None,
@@ -391,7 +406,6 @@ def _fast_fold(merged: MergedReader, name: str, base_q: QuantizedTensor | None,
                            max_abs=float(err_g.abs().max()), cosine=max(-1.0, min(1.0, cos)))
     realised = new_offsets.double() - m64
     d_norm = math.sqrt(Gb * float((d64 * d64).sum()))
-    lost_norm = math.sqrt(Gb * float(((realised - d64) ** 2).sum()))
     r_norm = math.sqrt(Gb * float((realised * realised).sum()))
     inner = Gb * float((realised * d64).sum())
     base_norm = math.sqrt(norm2(m64))
@@ -401,7 +415,7 @@ def _fast_fold(merged: MergedReader, name: str, base_q: QuantizedTensor | None,
         tensor=name, strategy="fold", ideal="quantized base + update", rel_error=rel, tried={"fold": rel},
         update_rel=d_norm / ideal_norm if ideal_norm > 0 else 0.0,
         realised_cosine=inner / (r_norm * d_norm) if r_norm > 0 and d_norm > 0 else 1.0,
-        update_lost=lost_norm / d_norm if d_norm > 0 else 0.0, update_over_step=rms / step if step > 0 else math.inf)
+        update_lost=share_lost(inner, d_norm), update_over_step=rms / step if step > 0 else math.inf)
     tm = merged.plan.tensors[name]
     plan = merged.plan
     exact = len(tm.adapters) == 1 and plan.weights[tm.adapters[0]] == 1.0
