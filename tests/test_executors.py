@@ -277,3 +277,22 @@ def test_bad_worker_counts(value: str, problem: str, tiny_llama: Path, tmp_path:
 def test_ray_address_needs_ray_executor(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     r = run_cli(capsys, "quantize", tiny_llama, "-o", tmp_path / "out", "--ray-address", "10.0.0.1:6379")
     assert r.rc == 2 and "--executor ray" in r.err
+
+
+def test_version_answers_without_torch() -> None:
+    code = "import sys; from compress.__main__ import main; rc = main(['--version']); print('torch' in sys.modules, rc)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines() == ["compress, version 0.1.0", "False 0"], r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_ctrl_c_while_the_libraries_load_is_one_line(tiny_llama: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the first second (torch still importing): one line, exit 130, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "compress", "quantize", str(tiny_llama), "-o", str(tmp_path / "o")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted; nothing was written"], err
+    assert not (tmp_path / "o").exists()
