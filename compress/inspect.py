@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.formats.base import dtype_name
+from compress.formats.checkpoint import weight_file_bytes
 from compress.formats.gguf_reader import GGUFReader
 from compress.formats.inputs import open_checkpoint
 from compress.formats.quantized import DequantizingReader, format_of
@@ -42,6 +43,7 @@ def inspect_checkpoint(path: Path, *, list_tensors: bool) -> dict[str, Any]:
         stored = raw.infos()
         rows = []
         stored_bytes = {i.name: i.nbytes for i in stored}
+        stored_dtypes = {i.name: dtype_name(i.dtype) for i in stored}
         infos = reader.infos() if reader else stored
         gguf_file = raw if isinstance(raw, GGUFReader) else None
         for info in infos:
@@ -56,12 +58,14 @@ def inspect_checkpoint(path: Path, *, list_tensors: bool) -> dict[str, Any]:
                 keys = reader.format.stored_keys(info.name, set(stored_bytes))
                 desc = describe_quantized(qt)
                 nbytes = sum(stored_bytes[k] for k in keys)
+                # what the file stores: packed codes (int32, uint8), scales, zeros, g_idx
+                dtype = "+".join(sorted({stored_dtypes[k] for k in keys}))
             else:
-                desc, nbytes = "", info.nbytes
-            rows.append({"name": info.name, "shape": list(info.shape), "dtype": dtype_name(info.dtype),
-                         "quantization": desc, "bytes": nbytes})
+                desc, nbytes, dtype = "", info.nbytes, dtype_name(info.dtype)
+            rows.append({"name": info.name, "shape": list(info.shape), "dtype": dtype, "quantization": desc,
+                         "bytes": nbytes})
         params = sum(math.prod(r["shape"]) for r in rows)
-        total_bytes = sum(r["bytes"] for r in rows)
+        total_bytes = weight_file_bytes(raw)  # on disk, as quantize reports it
         q_rows = [r for r in rows if r["quantization"]]
         return {
             "path": str(path), "format": "gguf" if gguf_file is not None else (fmt.name if fmt else "float"),

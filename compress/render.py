@@ -241,7 +241,8 @@ def inspected(console: Console, data: dict[str, Any], *, as_json: bool, show_ten
     summary.add_row("model type", str(data["model_type"]))
     summary.add_row("layout", data["format"])
     summary.add_row("tensors / parameters", f"{data['tensors']} / {data['parameters']:,}")
-    summary.add_row("size", f"{human_bytes(data['bytes'])} ({data['bits_per_parameter']:.2f} bits per parameter)")
+    summary.add_row("size on disk", f"{human_bytes(data['bytes'])} ({data['bits_per_parameter']:.2f} bits per "
+                                    "parameter)")
     summary.add_row("quantized tensors / parameters", f"{data['quantized_tensors']} / {data['quantized_parameters']:,}")
     for kind, g in data["by_quantization"].items():
         summary.add_row(f"  {kind}", f"{g['tensors']} tensors, {human_bytes(g['bytes'])}")

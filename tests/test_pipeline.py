@@ -83,8 +83,10 @@ def test_report_values_match_independent_computation(tiny_llama: Path, tmp_path:
     t = report["totals"]
     assert t["params_quantized"] == sum(src[n].numel() for n in linear)
     assert t["params_kept"] == sum(v.numel() for n, v in src.items() if n not in linear)
-    assert t["bytes_before"] == sum(v.numel() * v.element_size() for v in src.values())
-    assert t["bytes_after"] == (out / "model.safetensors").stat().st_size - _header_size(out / "model.safetensors")
+    # sizes on disk of the weight files, input and output (one definition with inspect)
+    assert t["bytes_before"] == (tiny_llama / "model.safetensors").stat().st_size
+    assert t["bytes_after"] == (out / "model.safetensors").stat().st_size
+    assert t["compression_ratio"] == pytest.approx(t["bytes_before"] / t["bytes_after"])
     assert t["kept_by_reason"] == {"embedding": 1, "output head": 1, "1-D (norm scale or bias)": 5}
 
 
@@ -200,6 +202,8 @@ def test_inspect_reports_layout(tiny_llama: Path, tmp_path: Path, capsys) -> Non
     assert data["by_quantization"] == {"int4 g128 sym": {"tensors": 14, "bytes": data["by_quantization"]
                                                           ["int4 g128 sym"]["bytes"]}}
     assert data["parameters"] == sum(v.numel() for v in source_tensors(tiny_llama).values())
+    assert data["bytes"] == (out / "model.safetensors").stat().st_size  # on disk, as quantize's report says
+    assert data["by_dtype"]["float16+int32"]["tensors"] == 14  # packed codes and zeros int32, scales float16
     assert run("inspect", tiny_llama, "--json") == 0
     assert json.loads(capsys.readouterr().out)["format"] == "float"
     assert run("inspect", out, "--tensors") == 0

@@ -81,6 +81,18 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+def weight_file_bytes(reader: CheckpointReader) -> int:
+    """The size on disk of the files that hold the checkpoint's tensors (safetensors shards, the GGUF file): the one
+    definition of a model's size that quantize, inspect and the reports use."""
+    files = {Path(i.file) for i in reader.infos()}
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def folder_weight_bytes(folder: Path) -> int:
+    """The size on disk of a written folder's weight files (``*.safetensors``)."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
 class CheckpointReader(ABC):
     """A checkpoint opened for streaming. Use as a context manager."""
 

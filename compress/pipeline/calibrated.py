@@ -28,7 +28,7 @@ from compress.calib.runner import CalibrationRunner
 from compress.calib.text import CalibrationOptions
 from compress.formats import FORMATS
 from compress.formats.base import dtype_name
-from compress.formats.checkpoint import CheckpointReader
+from compress.formats.checkpoint import CheckpointReader, folder_weight_bytes, weight_file_bytes
 from compress.formats.inputs import open_model
 from compress.formats.output import check_output
 from compress.formats.sink import encode
@@ -201,13 +201,16 @@ def quantize_calibrated(request: QuantizeRequest, calibration: CalibrationOption
         tokens, text_sha256 = calibration_tokens(request.model, calibration, [])
         calibrated = CalibratedRun(reader, plan, tokens, gptq, run)
         report = QuantizeReport(method=plan.method, parameters=algorithm_parameters(plan), format=plan.format.name,
-                                bytes_before=plan.input_bytes, bytes_after=plan.output_bytes, notes=plan_notes(plan))
+                                bytes_before=weight_file_bytes(reader), bytes_after=plan.output_bytes,
+                                notes=plan_notes(plan))
         run.start(f"{plan.method} ({describe_config(plan.config)}, gptq)", plan.input_bytes, len(plan.entries))
         with FolderSink(out, force=request.force, specs=plan.output_specs(), shard_bytes=request.shard_bytes) as sink, \
                 Executor(run.executor, sources={"model": ModelSource(str(request.model))}, opened={"model": reader},
                          device=run.device) as executor:
             calibrated.run(executor, sink, report.add)
             report.notes += requantized_note(reader)
+            sink.close_weights()
+            report.bytes_after = folder_weight_bytes(sink.folder)
             write_quantized_files(sink.folder, plan, reader, report)
             write_report(sink.folder, report)
             write_provenance(sink.folder / "compress_provenance.json", run, "quantize", request.model, out,

@@ -29,9 +29,9 @@ import torch
 
 from compress.errors import InputError, OptionError
 from compress.formats.base import dtype_name
-from compress.formats.checkpoint import CheckpointReader, TensorInfo
+from compress.formats.checkpoint import CheckpointReader, TensorInfo, weight_file_bytes
 from compress.formats.gguf_names import LLAMA_LAYER_NAMES, gguf_name, permute_qk, qk_heads
-from compress.formats.gguf_writer import GGUFSink, GGUFTensorInfo, LlamaParams, llama_params
+from compress.formats.gguf_writer import TOKENIZER_MODES, GGUFSink, GGUFTensorInfo, LlamaParams, llama_params
 from compress.formats.imatrix import ImportanceMatrix, read_imatrix, write_imatrix
 from compress.formats.inputs import open_model
 from compress.formats.output import OutputFile, check_output, expect_output_bytes, json_text
@@ -291,6 +291,9 @@ def check_options(method: str, embeddings_type: str | None, tokenizer: str) -> N
         raise OptionError(f"embeddings type must be one of {', '.join(TENSOR_TYPES)}, got {embeddings_type!r}")
     if not tokenizer:
         raise OptionError("--tokenizer is empty", fix="Give a tokenizer.json, a folder with one, or none.")
+    if tokenizer not in TOKENIZER_MODES and not Path(tokenizer).exists():
+        raise OptionError(f"--tokenizer {tokenizer}: no such file or folder",
+                          fix="Give a tokenizer.json, a folder with one, 'none', or leave it out (the model's own).")
 
 
 def export_gguf(reader: CheckpointReader, out_file: str | Path, method: str = "q4_0", *,
@@ -351,9 +354,8 @@ def imatrix_provenance(settings: AlgorithmSettings, matrix: ImportanceMatrix | N
 
 def gguf_report(plan: GGUFPlan, reader: CheckpointReader, rows: GGUFRows, sink: GGUFSink) -> QuantizeReport:
     """The accuracy report of a GGUF run, rows in the file's order."""
-    infos = reader.infos()
     report = QuantizeReport(method=plan.method, parameters=config_to_dict(GGMLConfig(plan.method)), format="gguf",
-                            bytes_before=sum(i.nbytes for i in infos), bytes_after=sink.bytes,
+                            bytes_before=weight_file_bytes(reader), bytes_after=sink.bytes,
                             notes=plan.notes + sink.notes)
     for t in plan.tensors:
         assert t.source is not None

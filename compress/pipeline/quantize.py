@@ -18,7 +18,7 @@ import torch
 from compress.errors import InputError, OptionError
 from compress.formats import FORMATS
 from compress.formats.base import dtype_name
-from compress.formats.checkpoint import CheckpointReader
+from compress.formats.checkpoint import CheckpointReader, folder_weight_bytes, weight_file_bytes
 from compress.formats.inputs import open_model
 from compress.formats.output import check_output, expect_output_bytes, notice, write_json
 from compress.formats.quantized import DequantizingReader, model_dtype
@@ -266,7 +266,8 @@ def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport
             raise OptionError("no tensor is selected for quantization",
                               fix="Check --include/--exclude, or run with --dry-run to see why each tensor is kept.")
         report = QuantizeReport(method=plan.method, parameters=algorithm_parameters(plan), format=plan.format.name,
-                                bytes_before=plan.input_bytes, bytes_after=plan.output_bytes, notes=plan_notes(plan))
+                                bytes_before=weight_file_bytes(reader), bytes_after=plan.output_bytes,
+                                notes=plan_notes(plan))
         tasks = [entry_task(e, plan) for e in plan.entries]
         expect_output_bytes(plan.output_bytes)
         run.start(f"{plan.method} ({describe_config(plan.config)})", plan.input_bytes, len(tasks))
@@ -274,6 +275,8 @@ def quantize_folder(request: QuantizeRequest, run: RunOptions) -> QuantizeReport
             stats = execute(tasks, sink, report.add, sources={"model": ModelSource(str(request.model))},
                     opened={"model": reader}, device=run.device, options=run.executor, progress=run.on_task)
             report.notes += requantized_note(reader)
+            sink.close_weights()
+            report.bytes_after = folder_weight_bytes(sink.folder)
             write_quantized_files(sink.folder, plan, reader, report)
             write_report(sink.folder, report)
             write_provenance(sink.folder / "compress_provenance.json", run, "quantize", request.model, out,

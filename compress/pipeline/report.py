@@ -164,8 +164,8 @@ class QuantizeReport:
             f"| parameters quantized / kept | {t['params_quantized']:,} / {t['params_kept']:,} |",
             f"| bits per quantized weight | {t['bits_per_quantized_weight']:.3f} |",
             f"| bits per parameter, whole checkpoint | {t['bits_per_param_overall']:.3f} |",
-            f"| size before / after | {human_bytes(t['bytes_before'])} / {human_bytes(t['bytes_after'])} "
-            f"({t['compression_ratio']:.2f}x smaller) |",
+            f"| size on disk before / after (weight files) | {human_bytes(t['bytes_before'])} / "
+            f"{human_bytes(t['bytes_after'])} ({size_ratio(t['compression_ratio'])}) |",
             f"| RMS relative Frobenius error | {t['rms_rel_fro']:.4f} |",
             f"| worst relative Frobenius error | {t['worst_rel_fro']:.4f} (`{t['worst_tensor']}`) |",
             f"| lowest SQNR / cosine | {t['min_sqnr_db']:.2f} dB / {t['min_cosine']:.5f} |",
@@ -225,8 +225,9 @@ class QuantizeReport:
         summary.add_row("tensors quantized / kept", f"{t['tensors_quantized']} / {t['tensors_kept']}")
         summary.add_row("parameters quantized / kept", f"{t['params_quantized']:,} / {t['params_kept']:,}")
         summary.add_row("bits per quantized weight", f"{t['bits_per_quantized_weight']:.3f}")
-        summary.add_row("size before → after", f"{human_bytes(t['bytes_before'])} → {human_bytes(t['bytes_after'])}"
-                        f" ({t['compression_ratio']:.2f}x)")
+        ratio = t["compression_ratio"]
+        summary.add_row("size on disk before → after",
+                        f"{human_bytes(t['bytes_before'])} → {human_bytes(t['bytes_after'])} ({size_ratio(ratio)})")
         summary.add_row("RMS / worst rel. Frobenius", f"{t['rms_rel_fro']:.4f} / {t['worst_rel_fro']:.4f}")
         if "rtn_rms_rel_fro" in t:
             summary.add_row("RMS rel. Frobenius of RTN", f"{t['rtn_rms_rel_fro']:.4f}")
@@ -237,6 +238,13 @@ class QuantizeReport:
         for reason, count in t["kept_by_reason"].items():
             summary.add_row(f"kept: {reason}", str(count))
         return [rows, summary]
+
+
+def size_ratio(ratio: float) -> str:
+    """'3.09x smaller', or for an output larger than its input (an already quantized input) '1.07x larger'."""
+    if ratio <= 0:
+        return "no output"
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger than the input"
 
 
 def human_bytes(n: float) -> str:
