@@ -220,9 +220,19 @@ def dense(tmp_path_factory: pytest.TempPathFactory, planted: Planted) -> Path:
 # --- 1. planted LoRA recovery ----------------------------------------------------------------------
 
 
+def test_auto_engine_rule() -> None:
+    from compress.lowrank.svd import EXACT_MAX_SIDE, pick_engine
+
+    assert pick_engine("auto", (576, 1536), 64) == "exact"  # small matrices: exact, like mergekit's
+    assert pick_engine("auto", (EXACT_MAX_SIDE, 4 * EXACT_MAX_SIDE), 16) == "exact"
+    assert pick_engine("auto", (4096, 11008), 16) == "randomized"  # large ones, small rank: randomized
+    assert pick_engine("auto", (4096, 11008), 2048) == "exact"  # unless the rank is large next to the side
+    assert pick_engine("randomized", (64, 64), 4) == "randomized"
+
+
 @pytest.mark.parametrize(("options", "engine"), [
-    (["--rank", "4"], "randomized"),  # auto: rank 4 <= 64 / 4
-    (["--rank", "6"], "randomized"),
+    (["--rank", "4"], "exact"),  # auto: matrices up to 1024 on their smaller side get the exact SVD
+    (["--rank", "6"], "exact"),
     (["--rank", "4", "--svd", "exact"], "exact"),
     (["--rank", "4", "--svd", "randomized"], "randomized"),
     (["--energy", "1.0"], "exact"),  # auto: the bound is the whole spectrum
@@ -756,7 +766,8 @@ def test_dry_run_json_lists_actions_and_writes_nothing(planted: Planted, dense: 
 
 
 def test_two_runs_are_byte_identical(planted: Planted, dense: Path, tmp_path: Path, capsys) -> None:
-    outs = [extract(capsys, planted.base, dense, tmp_path / f"adapter{i}", "--rank", "8") for i in range(2)]
+    outs = [extract(capsys, planted.base, dense, tmp_path / f"adapter{i}", "--rank", "8", "--svd", "randomized")
+            for i in range(2)]
     for file in ("adapter_model.safetensors", "adapter_config.json"):
         assert (outs[0] / file).read_bytes() == (outs[1] / file).read_bytes()
     _, _, report = adapter_of(outs[0])
