@@ -393,16 +393,19 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
               help="Also write report.json and report.md into this folder.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="Where the models run (auto: CUDA when available).")
+@click.option("--dtype", "dtype_name", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="Compute dtype of the transformers models: float32 (exact) or bfloat16 "
+                                      "(faster on CPUs with bf16 instructions; llama.cpp keeps its own).")
 @output_options
 def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, window: int, stride: int | None,
-             embeddings: bool, sentences: int, out: Path | None, device: str, as_json: bool, quiet: bool,
-             force: bool) -> None:
+             embeddings: bool, sentences: int, out: Path | None, device: str, dtype_name: str, as_json: bool,
+             quiet: bool, force: bool) -> None:
     """What compression cost, side by side: perplexity of causal LMs, with the KL divergence from the first
     model's next-token distributions and top-1 agreement (or embedding cosine of encoders)."""
     from compress import evaluation
 
     request = evaluation.EvalRequest(models, text_path, tokens, window, stride, embeddings, out, force,
-                                     sentences=sentences)
+                                     sentences=sentences, dtype=dtype_name)
     with running(device, "1", "local", None, show=not (quiet or as_json)) as run:
         result = evaluation.evaluate(request, run)
     render.evaluated(out_console, result, as_json=as_json, quiet=quiet)

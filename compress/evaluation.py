@@ -29,6 +29,7 @@ import gc
 import importlib.util
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,6 +375,9 @@ def sentence_embeddings(model: Any, tokenizer: Any, sentences: list[str]) -> tor
     return (hidden * mask).sum(1) / mask.sum(1)
 
 
+EVAL_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class EvalRequest:
     """`compress eval`: score ``models`` side by side (perplexity, or embedding cosine with ``embeddings``)."""
@@ -388,12 +392,16 @@ class EvalRequest:
     force: bool = False
     reference_cache_bytes: int = 512 * 2**20  # the first model's scored logits kept for the KL divergence
     sentences: int = 12  # with embeddings: how many sentences (0: every one default_sentences finds)
+    dtype: str = "float32"  # float32 (exact) or bfloat16 (faster where the CPU has bf16 instructions)
 
     def check(self) -> None:
         stride = self.stride or self.window
         if self.window < 2 or self.tokens < 2 or not 1 <= stride <= self.window:
             raise OptionError(f"need --window >= 2, --tokens >= 2 and 1 <= --stride <= --window (got {self.window}, "
                               f"{self.tokens}, {stride})", fix="Pick sizes such as --window 1024 --tokens 20000.")
+        if self.dtype not in EVAL_DTYPES:
+            raise OptionError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got {self.dtype!r}",
+                              fix="Use float32 (exact) or bfloat16.")
         if self.out is not None:
             check_output(self.out, force=self.force, inputs=list(self.models))
         for m in self.models:
@@ -429,13 +437,25 @@ def evaluate(request: EvalRequest, run: Any) -> dict[str, Any]:
     independent of the number of tokens; only one KL value per scored token is kept (for the median and p99).
     """
     request.check()
+    transformers = require_transformers()
+    transformers.utils.logging.disable_progress_bar()  # its loading bars are not ours to show
     keep: list[Any] = []
     rows: list[dict[str, Any]] = []
     state = _EvalState(request)
     for path in request.models:
+        started = time.perf_counter()
         loaded = load_model(path, encoder=request.embeddings, device=run.device, keep=keep)
-        row: dict[str, Any] = {"model": str(path), "loader": loaded.how, "size_bytes": loaded.size_bytes}
+        if request.dtype != "float32" and isinstance(loaded.model, torch.nn.Module):
+            loaded.model.to(getattr(torch, request.dtype))
+        loaded_at = time.perf_counter()
+        row: dict[str, Any] = {"model": str(path), "loader": loaded.how, "size_bytes": loaded.size_bytes,
+                               "dtype": request.dtype if isinstance(loaded.model, torch.nn.Module) else "engine's",
+                               "load_seconds": round(loaded_at - started, 2)}
         row.update(state.score(path, loaded, run))
+        seconds = time.perf_counter() - loaded_at
+        row["score_seconds"] = round(seconds, 4)
+        if "tokens" in row and seconds > 0:
+            row["tokens_per_second"] = round(row["tokens"] / seconds, 1)
         rows.append(row)
         del loaded
         gc.collect()

@@ -269,11 +269,12 @@ def evaluated(console: Console, data: dict[str, Any], *, as_json: bool, quiet: b
     metric = data["metric"]
     table = Table(title=f"{metric} ({'sentence embeddings' if metric == 'mean_cosine' else data['text']})")
     table.add_column("model", overflow="fold", min_width=24)
-    for col in ("loader", "size", metric.replace("_", " "), "Δ vs first"):
+    for col in ("loader", "size", metric.replace("_", " "), "Δ vs first", "tokens/s"):
         table.add_column(col, justify="right" if col != "loader" else "left")
     for row in data["models"]:
+        speed = f"{row['tokens_per_second']:.0f}" if "tokens_per_second" in row else "—"
         table.add_row(row["model"], row["loader"], human_bytes(row["size_bytes"]), f"{row[metric]:.4f}",
-                      f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%)")
+                      f"{row['delta']:+.4f} ({row['delta_pct']:+.2f}%)", speed)
     console.print(table)
     compared = [row for row in data["models"] if "kl_mean" in row]
     if compared:

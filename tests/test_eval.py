@@ -113,6 +113,16 @@ def test_eval_cli_side_by_side(lm_with_tokenizer: Path, tmp_path: Path, capsys) 
     assert saved["models"][1]["kl_mean"] == quant_row["kl_mean"]
     md = (report / "report.md").read_text()
     assert md.count("|") > 10 and "KL mean" in md and f"{quant_row['kl_p99']:.6f}" in md
+    for row in (float_row, quant_row):  # speed: scored tokens over the scoring time
+        assert row["dtype"] == "float32" and row["load_seconds"] >= 0
+        assert row["tokens_per_second"] == pytest.approx(row["tokens"] / row["score_seconds"], rel=0.02)
+    # bfloat16: the same model in bf16 arithmetic, close to float32 but not equal
+    capsys.readouterr()
+    assert main(["eval", str(lm_with_tokenizer), "--tokens", "400", "--window", "128", "--dtype", "bfloat16",
+                 "--json"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)["models"][0]
+    assert bf16["dtype"] == "bfloat16" and bf16["perplexity"] != float_row["perplexity"]
+    assert bf16["perplexity"] == pytest.approx(float_row["perplexity"], rel=0.05)
 
 
 def _quantized_copy(source: Path, folder: Path) -> Path:

@@ -409,7 +409,7 @@ def test_gptq_loads_in_transformers_gptqmodel(model_fixture: str, args: tuple[st
 
 @pytest.mark.skipif(not importlib.util.find_spec("gptqmodel"),
                     reason="needs a GPTQ loader: optimum + gptqmodel (scripts/check_gptq_loader.sh installs them)")
-def test_qalora_adapter_loads_in_peft_on_our_gptq_base(tiny_llama: Path, outputs, token_ids, tmp_path: Path) -> None:
+def test_qalora_adapter_loads_in_peft_through_gptqmodel(tiny_llama: Path, outputs, token_ids, tmp_path: Path) -> None:
     """extract-lora --quantized-base: PEFT loads the QA-LoRA adapter on our GPTQ checkpoint (transformers + gptqmodel,
     PEFT's QA-LoRA variant of its GPTQ layers), and the model computes the dequantized base plus the adapter's
     group-constant update, which is what `compress merge --strategy fold --format native` writes."""
