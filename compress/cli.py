@@ -29,6 +29,8 @@ from compress.pipeline.plan import check_algorithm
 from compress.pipeline.report import parse_size
 from compress.pipeline.run import RunOptions
 from compress.quant import ALGORITHMS, METHODS, make_config
+from compress.quant.int4 import GROUP_SIZES
+from compress.quant.nf4 import BLOCK_SIZES
 
 
 def _console(*, stderr: bool) -> Console:
@@ -164,7 +166,7 @@ def checked(make: Callable[[], Any], command: str) -> Any:
     try:
         return make()
     except ValueError as e:
-        raise OptionError(str(e), fix=f"See `compress {command} --help` for the allowed values.") from e
+        raise OptionError(str(e), fix=f"Change that value (`compress {command} --help` describes every option).") from e
 
 
 @cli.command()
@@ -174,12 +176,14 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 @click.option("--method", type=click.Choice(list(METHODS)), default="nf4", show_default=True, help=METHOD_HELP)
 @click.option("--format", "format_name", type=click.Choice(list(FORMATS)), default=None,
               help=f"Output layout (default: the method's natural one). {FORMAT_HELP}")
-@click.option("--block-size", type=int, default=64, show_default=True, help="nf4/fp4: elements per absmax block.")
+@click.option("--block-size", type=int, default=64, show_default=True,
+              help=f"nf4/fp4: elements per absmax block: {', '.join(map(str, BLOCK_SIZES))}.")
 @click.option("--double-quant/--no-double-quant", default=False, show_default=True,
               help="nf4/fp4: quantize the absmax values to 8 bits too (~0.37 fewer bits per weight).")
 @click.option("--group-size", type=int, default=None,
-              help="int4: input channels per group (default 128, or the largest size that lets the layout hold every "
-                   "selected layer: compressed-tensors needs it to divide the input size).")
+              help=f"int4: input channels per group, one of {', '.join(map(str, GROUP_SIZES))} (default 128, or the "
+                   "largest size that lets the layout hold every selected layer: compressed-tensors needs it to "
+                   "divide the input size).")
 @click.option("--allow-float", is_flag=True,
               help="int4: accept an explicit --group-size that leaves more than 1% of the quantizable parameters in "
                    "float (otherwise an error names the group sizes that work).")
@@ -442,11 +446,13 @@ def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, wind
                    "an exact fold, else float when --float-base is given, else the smallest error.")
 @click.option("--float-base", "float_base_path", type=click.Path(path_type=Path), default=None,
               help="The float checkpoint a quantized BASE was made from (enables the 'float' strategy).")
-@click.option("--block-size", type=int, default=64, show_default=True, help="nf4/fp4: elements per absmax block.")
+@click.option("--block-size", type=int, default=64, show_default=True,
+              help=f"nf4/fp4: elements per absmax block: {', '.join(map(str, BLOCK_SIZES))}.")
 @click.option("--double-quant/--no-double-quant", default=False, show_default=True,
               help="nf4/fp4: quantize the absmax values to 8 bits too.")
 @click.option("--group-size", type=int, default=None,
-              help="int4: input channels per group (default: the quantized base's, else 128).")
+              help=f"int4: input channels per group, one of {', '.join(map(str, GROUP_SIZES))} (default: the "
+                   "quantized base's, else 128).")
 @click.option("--sym/--asym", "symmetric", default=False, show_default=True, help="int4: symmetric or asymmetric.")
 @click.option("--dry-run", is_flag=True, help="Print which tensors each adapter changes; write nothing.")
 @functools.partial(algorithm_options, seed=False)

@@ -264,3 +264,16 @@ def test_gguf_input_end_to_end(smollm2_gguf: Path, tmp_path: Path) -> None:
     assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["quantization_config"]["group_size"] == 128
+
+
+def test_help_lists_fixed_value_sets(tiny_llama: Path, tmp_path: Path, capsys) -> None:
+    """Options whose values are a fixed set list them in --help, and a wrong value's error names them."""
+    from compress.quant.int4 import GROUP_SIZES
+    from compress.quant.nf4 import BLOCK_SIZES
+
+    main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ", ".join(map(str, GROUP_SIZES)) in text and ", ".join(map(str, BLOCK_SIZES)) in text
+    assert run("quantize", tiny_llama, "-o", tmp_path / "x", "--method", "int4", "--group-size", "100") == 2
+    err = capsys.readouterr().err
+    assert "group size 100 is not one of 16, 32, 64" in err and "for the allowed values" not in err

@@ -263,7 +263,7 @@ def _merge_folder(request: MergeRequest, fmt: ExportFormat, merged: MergedReader
                              group_size=request.group_size or _base_int4_group(base) or 128,
                              symmetric=request.symmetric)
     except ValueError as e:
-        raise OptionError(str(e), fix="See `compress merge --help` for the allowed values.") from e
+        raise OptionError(str(e), fix="Change that value (`compress merge --help` describes every option).") from e
     settings = request.settings
     if settings.gptq is not None:
         config = act_order_config(config, fmt.name, settings.gptq)
