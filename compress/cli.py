@@ -285,10 +285,11 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
 @click.option("--calibration-samples", type=int, default=128, show_default=True,
               help="Calibration samples drawn from the text.")
 @click.option("--calibration-length", type=int, default=512, show_default=True, help="Tokens per calibration sample.")
-@click.option("--aware", type=click.Choice(["diagonal", "whitened"]), default="diagonal", show_default=True,
-              help="With --calibration: diagonal (ASVD: each input column weighted by its activations' rms^0.5) or "
-                   "whitened (the output error on the calibration inputs, SVD of dW L; on a real fine-tune it kept "
-                   "less of the improvement than plain SVD).")
+@click.option("--aware", type=click.Choice(["diagonal", "whitened"]), default=None,
+              help="With --calibration: diagonal (ASVD: each input column weighted by its activations' rms^0.5; the "
+                   "default) or whitened (the least output error on the calibration inputs, SVD of dW L; the default "
+                   "with --quantized-base, where it also corrects the base's rounding: on a real fine-tune it kept "
+                   "less of the improvement than plain SVD as a LoRA, far more as a QA-LoRA).")
 @click.option("--quantized-base", "quantized_base", type=click.Path(path_type=Path), default=None,
               help="QA-LoRA form: the group-wise INT4 model made from --base (ours, or a GPTQ checkpoint without "
                    "act-order). The adapter is extracted from TUNED minus this model, with lora_A over inputs pooled "
@@ -306,7 +307,7 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
                  dtype_choice: str, seed: int, budget: str | None, mean_rank: int | None, calibration: str | None,
-                 calibration_samples: int, calibration_length: int, aware: str, quantized_base: Path | None,
+                 calibration_samples: int, calibration_length: int, aware: str | None, quantized_base: Path | None,
                  qalora_group_size: int | None, lora_only: bool, dry_run: bool, **common: Any) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
     from compress.calib.text import CalibrationOptions
@@ -339,7 +340,8 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
         lambda: CalibrationOptions(calibration, calibration_samples, calibration_length, seed), "extract-lora")
     options = checked(lambda: ExtractOptions(rule=rule, engine=engine, targets=targets, embeddings=embeddings,
                                              dtype=getattr(torch, dtype_choice), seed=seed, calibration=calib,
-                                             budget=sized, aware=aware, lora_only=lora_only,
+                                             budget=sized, lora_only=lora_only,
+                                             aware=aware or ("whitened" if quantized_base else "diagonal"),
                                              qalora_group_size=qalora_group_size), "extract-lora")
     as_json, quiet, force = common.pop("as_json"), common.pop("quiet"), common.pop("force")
     with running(**common, show=not (quiet or as_json)) as run:
