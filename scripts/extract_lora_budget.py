@@ -276,6 +276,8 @@ def render(res: dict[str, Any]) -> str:
                      f"{row['ranks_min']}-{row['ranks_max']} | {weight} | {out} | "
                      f"{row['heldout_loss']:.4f} | {row['improvement_kept']:.3f} | {row['wall_seconds']} | "
                      f"{row['peak_rss_mib']} |")
+    if res.get("ranks_plot"):
+        lines += ["", f"![rank per module, activation-aware + budgeted at the size of rank 16]({res['ranks_plot']})"]
     lines += ["", "Mean rank per module type in the budgeted adapters (size of rank r everywhere):", "",
               "| adapter | " + " | ".join(("q", "k", "v", "o", "gate", "up", "down")) + " |",
               "|---|" + "---:|" * 7]
@@ -314,9 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mergekit", action="store_true", help="mergekit-extract-lora at each rank (.venv-mergekit)")
     p.add_argument("--qalora", action="store_true", help="the QA-LoRA section")
     p.add_argument("--out", type=Path, default=REPO / "reports" / "extract_lora_budget")
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
     a = p.parse_args(argv)
     a.argv = argv if argv is not None else sys.argv[1:]
-    res = measure(a)
+    if a.render_only:
+        res = json.loads(a.out.with_suffix(".json").read_text())
+    else:
+        res = measure(a)
+        plot = a.work / "adapters_budget" / "aware_budget-r16" / "ranks.png"
+        if plot.is_file():  # the budget's rank map, as extract-lora draws it in the adapter folder
+            import shutil
+
+            shutil.copy(plot, a.out.with_name(a.out.name + "_ranks_r16.png"))
+            res["ranks_plot"] = a.out.name + "_ranks_r16.png"
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     a.out.with_suffix(".md").write_text(render(res))
