@@ -42,6 +42,16 @@ def digest(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if "provenance" not in p.name}
 
 
+def default_signals() -> None:
+    """preexec_fn of the processes the signal tests start: SIGINT unblocked and at its default disposition, as in
+    a process started from a shell. A child inherits its parent's signal mask and ignored signals, and this test
+    process's may have been changed by a library an earlier test loaded (once in CI, SIGINT never reached the
+    child, which then ran to completion)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
@@ -197,7 +207,7 @@ def test_ctrl_c_stops_the_workers_and_leaves_nothing(models: dict[str, Path], tm
     env = dict(os.environ, COMPRESS_FAULT_INJECTION=f"sleep:{KILLED}:60")
     proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "quantize", str(models["base"]), "-o", str(out),
                              "--method", "nf4", *WORKERS], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.time() + 60
     workers: list[int] = []
     while time.time() < deadline and not (leftovers(tmp_path) and len(workers) >= 3):
@@ -289,7 +299,7 @@ def test_version_answers_without_torch() -> None:
 def test_ctrl_c_while_the_libraries_load_is_one_line(tiny_llama: Path, tmp_path: Path) -> None:
     """Ctrl-C in the first second (torch still importing): one line, exit 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "compress", "quantize", str(tiny_llama), "-o", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     time.sleep(0.4)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
