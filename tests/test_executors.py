@@ -297,7 +297,8 @@ def test_version_answers_without_torch() -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_ctrl_c_while_the_libraries_load_is_one_line(tiny_llama: Path, tmp_path: Path) -> None:
-    """Ctrl-C in the first second (torch still importing): one line, exit 130, no traceback."""
+    """Ctrl-C in the first second (torch still importing): held until the libraries are loaded, then one line, exit
+    130, no traceback (raised inside torch's import it could abort the process from C++)."""
     proc = subprocess.Popen([sys.executable, "-m", "compress", "quantize", str(tiny_llama), "-o", str(tmp_path / "o")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     time.sleep(0.4)
