@@ -302,13 +302,15 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
               help="Write LoRA factors only: changed norm weights and other vectors of non-target modules, kept "
                    "whole (modules_to_save) by default, are left out and reported (for vLLM, which loads LoRA only).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the largest possible adapter; write nothing.")
+@click.option("--verbose", "-v", is_flag=True, help="With --dry-run: every tensor, not the summary.")
 @run_options
 @output_options
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
                  dtype_choice: str, seed: int, budget: str | None, mean_rank: int | None, calibration: str | None,
                  calibration_samples: int, calibration_length: int, aware: str | None, quantized_base: Path | None,
-                 qalora_group_size: int | None, lora_only: bool, dry_run: bool, **common: Any) -> None:
+                 qalora_group_size: int | None, lora_only: bool, dry_run: bool, verbose: bool,
+                 **common: Any) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
     from compress.calib.text import CalibrationOptions
     from compress.lowrank.svd import RankRule
@@ -349,7 +351,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
         request = ExtractRequest(base_path, tuned_path, out, options, force, quantized_base)
         if dry_run:
             return render.extract_plan(out_console, dry_run_extract(request), rule, as_json, sized,
-                                       qalora_group_size)
+                                       qalora_group_size, verbose)
         report = extract_lora(request, run)
     render.result(out_console, out, report, report.adapter_bytes, as_json=as_json, quiet=quiet)  # type: ignore[arg-type]
 

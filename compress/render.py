@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,11 @@ def result(console: Console, out: Path, report: Any, size: int, *, as_json: bool
         console.print(f"wrote {out} ({human_bytes(size)}); report: {report_json.with_suffix('.md')}")
 
 
-def _plan_summary(console: Console, title: str, groups: dict[tuple[str, str], list[tuple[str, int, int]]]) -> None:
+def _plan_summary(console: Console, title: str, groups: dict[tuple[str, str], list[tuple[str, int, int]]],
+                  size_column: str = "bytes → after") -> None:
     """One row per (action, reason): how many tensors, of which shapes, bytes before and after."""
     table = Table(title=title)
-    for col in ("action", "reason", "tensors", "shapes", "bytes → after"):
+    for col in ("action", "reason", "tensors", "shapes", size_column):
         table.add_column(col, overflow="fold")
     for (action, reason), items in groups.items():
         shapes: dict[str, int] = {}
@@ -96,7 +98,9 @@ def _plan_summary(console: Console, title: str, groups: dict[tuple[str, str], li
         if len(shapes) > 4:
             listed += f", and {len(shapes) - 4} more"
         before, after = sum(b for _, b, _ in items), sum(a for _, _, a in items)
-        table.add_row(action, reason, str(len(items)), listed, f"{human_bytes(before)} → {human_bytes(after)}")
+        size = (f"{human_bytes(before)} → {human_bytes(after)}" if size_column == "bytes → after"
+                else human_bytes(before))
+        table.add_row(action, reason, str(len(items)), listed, size)
     console.print(table)
 
 
@@ -157,20 +161,28 @@ def gguf_plan(console: Console, plan: Any, infos: list[Any], as_json: bool) -> N
 
 
 def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: Any = None,
-                 qalora_group_size: int | None = None) -> None:
+                 qalora_group_size: int | None = None, verbose: bool = False) -> None:
     rows = [{"name": e.name, "shape": list(e.shape), "action": e.action, "reason": e.reason} for e in plan.entries]
     bound = plan.max_adapter_params(rule, qalora_group_size)
     if as_json:
         echo_json({"tensors": rows, "max_adapter_params": bound, "notes": plan.notes,
                    "only_in_base": plan.only_in_base, "only_in_tuned": plan.only_in_tuned})
         return
-    table = Table(title="plan (dry run, nothing written)")
-    table.add_column("tensor", overflow="fold", min_width=24)
-    for col in ("shape", "action", "reason"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], "×".join(map(str, r["shape"])), r["action"], r["reason"])
-    console.print(table)
+    if verbose:
+        table = Table(title="plan (dry run, nothing written)")
+        table.add_column("tensor", overflow="fold", min_width=24)
+        for col in ("shape", "action", "reason"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["name"], "×".join(map(str, r["shape"])), r["action"], r["reason"])
+        console.print(table)
+    else:
+        groups: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
+        for r in rows:
+            nbytes = 4 * math.prod(r["shape"])
+            groups.setdefault((r["action"], r["reason"]), []).append(("×".join(map(str, r["shape"])), nbytes, nbytes))
+        _plan_summary(console, "plan (dry run, nothing written; every tensor: --verbose)", groups,
+                      size_column="float32 size")
     if budget is not None:
         console.print(f"ranks allocated after the SVDs under {budget.describe()}, each at most {rule.max_rank}")
     else:

@@ -243,4 +243,8 @@ def test_dry_run_says_the_rule_in_words(tiny_llama_tok: Path, tuned: Path, tmp_p
                         (("--mean-rank", "8"), "ranks allocated after the SVDs under mean rank 8, each at most 256")):
         r = run_cli(capsys, "extract-lora", "--base", tiny_llama_tok, "--tuned", tuned, "--dry-run", *args)
         assert r.rc == 0 and words in " ".join(r.out.split()) and "RankRule(" not in r.out, r.out
+        # a summary by action and reason; every tensor only with --verbose
+        assert "Linear weight │ 14 │" in " ".join(r.out.split()) and "q_proj" not in r.out
+    r = run_cli(capsys, "extract-lora", "--base", tiny_llama_tok, "--tuned", tuned, "--dry-run", "--verbose")
+    assert r.rc == 0 and "model.layers.1.self_attn.q_proj.weight" in " ".join(r.out.split())
     assert list(tmp_path.iterdir()) == []
