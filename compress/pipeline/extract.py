@@ -23,6 +23,7 @@ from compress.formats.peft_adapter import AdapterModule, AdapterSink, AdapterSpe
 from compress.formats.quantized import DequantizingReader
 from compress.formats.sink import decode, encode
 from compress.lowrank.svd import (
+    LowRank,
     RankRule,
     activation_scaling,
     allocate_ranks,
@@ -272,57 +273,51 @@ class ExtractDelta(Task):
         if entry.action == "bias":
             row = ModuleRow(entry.name, entry.shape, "bias", 0, 1.0, 0.0, 0.0, delta_rel, dW.numel(), "-")
             return TaskResult([(f"{entry.name}:bias", encode(dW.to("cpu", options.dtype)))], [row])
-        if entry.action == "full":
-            row = ModuleRow(module, entry.shape, "full", 0, 1.0, 0.0, 0.0, delta_rel, W_tuned.numel(), "-")
-            return TaskResult([(f"{entry.name}:weight", encode(W_tuned.to("cpu")))], [row])
-        if entry.action == "whole":
-            row = ModuleRow(entry.name, entry.shape, "full", 0, 1.0, 0.0, 0.0, delta_rel, W_tuned.numel(), "-")
-            return TaskResult([(f"{entry.name}:whole", encode(W_tuned.to("cpu")))], [row])
+        if entry.action in ("full", "whole"):  # a module's weight (modules_to_save), or one of its vectors
+            full = entry.action == "full"
+            row = ModuleRow(module if full else entry.name, entry.shape, "full", 0, 1.0, 0.0, 0.0, delta_rel,
+                            W_tuned.numel(), "-")
+            return TaskResult([(f"{entry.name}:{'weight' if full else 'whole'}", encode(W_tuned.to("cpu")))], [row])
         embedding = entry.action == "embedding-lora"
         target = dW.T if embedding else dW  # PEFT's embedding delta is (B @ A)^T
         S = None if embedding or self.S is None else self.S.to(ctx.device)
         if group is not None:
-            return self._grouped(target, group, S, delta_norm, delta_rel, ctx)
-        if S is not None:  # activation-aware: the error of the module's output on the calibration inputs
-            L = whitening_factor(S, options.damp) if options.aware == "whitened" else activation_scaling(S)
-            lr = low_rank_whitened(target, L, rule, engine=options.engine, oversample=options.oversample,
-                                   n_iter=options.n_iter, seed=options.seed)
+            lr, residual, (weight_curve, output_curve), A = self._grouped_factors(target, group, S)
         else:
-            lr = low_rank(target, rule, engine=options.engine, oversample=options.oversample, n_iter=options.n_iter,
-                          seed=options.seed, total_energy=delta_norm**2)
-        residual = frobenius_norm(torch.addmm(target, lr.B, lr.A, alpha=-1))
-        weight_curve, output_curve = error_curves(target, lr, S) if lr.rank else ([], None)
+            if S is not None:  # activation-aware: the error of the module's output on the calibration inputs
+                L = whitening_factor(S, options.damp) if options.aware == "whitened" else activation_scaling(S)
+                lr = low_rank_whitened(target, L, rule, engine=options.engine, oversample=options.oversample,
+                                       n_iter=options.n_iter, seed=options.seed)
+            else:
+                lr = low_rank(target, rule, engine=options.engine, oversample=options.oversample,
+                              n_iter=options.n_iter, seed=options.seed, total_energy=delta_norm**2)
+            residual = frobenius_norm(torch.addmm(target, lr.B, lr.A, alpha=-1))
+            weight_curve, output_curve = error_curves(target, lr, S) if lr.rank else ([], None)
+            A = lr.A
         row = ModuleRow(module, entry.shape, "embedding-lora" if embedding else "lora", lr.rank, lr.retained_energy,
                         residual / delta_norm, lr.eckart_young_rel_error, delta_rel, lr.A.numel() + lr.B.numel(),
                         lr.engine, output_error=output_curve[-1] if output_curve else None,
                         **({"spectrum": lr.singular_values.cpu(), "total_energy": lr.total_energy,
                             "weight_curve": weight_curve, "output_curve": output_curve} if options.budget else {}))
-        factors = [(f"{entry.name}:A", encode(lr.A.to("cpu", options.dtype))),
+        factors = [(f"{entry.name}:A", encode(A.to("cpu", options.dtype))),
                    (f"{entry.name}:B", encode(lr.B.to("cpu", options.dtype)))]
         return TaskResult(factors, [row])
 
-    def _grouped(self, dW: torch.Tensor, group: int, S: torch.Tensor | None, delta_norm: float, delta_rel: float,
-                 ctx: TaskContext) -> TaskResult:
+    def _grouped_factors(self, dW: torch.Tensor, group: int, S: torch.Tensor | None
+                         ) -> tuple[LowRank, float, tuple[list[float], list[float] | None], torch.Tensor]:
         """QA-LoRA factors: B A ~ M [out, in/g], the update constant inside each group of g input channels
-        (:func:`~compress.lowrank.svd.low_rank_grouped`); lora_A is stored divided by PEFT's pooling factor so that
-        PEFT's QA-LoRA forward (group mean times in/g) applies exactly expand(B A)."""
-        entry, options = self.entry, self.options
+        (:func:`~compress.lowrank.svd.low_rank_grouped`), with the residual ||dW - expand(B A)||, the error curves and
+        lora_A as stored: divided by PEFT's pooling factor, so that PEFT's QA-LoRA forward (group mean times in/g)
+        applies exactly expand(B A)."""
+        options = self.options
         lr = low_rank_grouped(dW, group, options.task_rule, S=S, aware=options.aware, damp=options.damp,
                               engine=options.engine, oversample=options.oversample, n_iter=options.n_iter,
                               seed=options.seed)
         expanded = (lr.B @ lr.A).repeat_interleave(group, dim=1)
         residual = frobenius_norm(dW - expanded)
         del expanded
-        weight_curve, output_curve = grouped_error_curves(dW, lr, group, S) if lr.rank else ([], None)
-        pooling = QALORA_POOLING["peft"](dW.shape[1], group)
-        row = ModuleRow(entry.name.rsplit(".", 1)[0], entry.shape, "lora", lr.rank, lr.retained_energy,
-                        residual / delta_norm, lr.eckart_young_rel_error, delta_rel, lr.A.numel() + lr.B.numel(),
-                        lr.engine, output_error=output_curve[-1] if output_curve else None,
-                        **({"spectrum": lr.singular_values.cpu(), "total_energy": lr.total_energy,
-                            "weight_curve": weight_curve, "output_curve": output_curve} if options.budget else {}))
-        factors = [(f"{entry.name}:A", encode((lr.A / pooling).to("cpu", options.dtype))),
-                   (f"{entry.name}:B", encode(lr.B.to("cpu", options.dtype)))]
-        return TaskResult(factors, [row])
+        curves = grouped_error_curves(dW, lr, group, S) if lr.rank else ([], None)
+        return lr, residual, curves, lr.A / QALORA_POOLING["peft"](dW.shape[1], group)
 
 
 # A 4-bit grid's rounding moves a weight by well under half its norm (RTN INT4: ~10%); another model's weights
