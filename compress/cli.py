@@ -533,6 +533,9 @@ def _stopped(e: Terminated) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one line and exit code 2 for every user error."""
     _invocation[:] = list(sys.argv[1:] if argv is None else argv)
+    from compress.formats.output import start_command
+
+    start_command()
     try:
         with stop_signals():
             cli.main(args=argv, prog_name="compress", standalone_mode=False)

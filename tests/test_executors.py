@@ -195,6 +195,24 @@ def alive(pid: int) -> bool:
         return False
 
 
+def stalled_run(models: dict[str, Path], tmp_path: Path, **popen: Any) -> tuple[subprocess.Popen[str], list[int]]:
+    """`compress quantize --workers 2` into tmp_path/out with one task sleeping 60 s, once it is writing (its hidden
+    output exists) and its fork server and two workers run; returns the process and those workers."""
+    env = dict(os.environ, COMPRESS_FAULT_INJECTION=f"sleep:{KILLED}:60")
+    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "quantize", str(models["base"]), "-o",
+                             str(tmp_path / "out"), "--method", "nf4", *WORKERS], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals,
+                            **popen)
+    deadline = time.time() + 60
+    workers: list[int] = []
+    while time.time() < deadline and not (leftovers(tmp_path) and len(workers) >= 3):
+        time.sleep(0.2)
+        workers = [c for c in children(proc.pid) if "forkserver" in cmdline(c)]  # the fork server and 2 workers
+    assert leftovers(tmp_path) and len(workers) >= 3, "the run never started writing"
+    time.sleep(1)  # the task before the slow one is written; the slow one is running
+    return proc, workers
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 @pytest.mark.parametrize(("signum", "code", "last_line"), [
     (signal.SIGINT, 130, "interrupted; nothing was written"),
@@ -204,17 +222,7 @@ def alive(pid: int) -> bool:
 def test_ctrl_c_stops_the_workers_and_leaves_nothing(models: dict[str, Path], tmp_path: Path, signum: int, code: int,
                                                      last_line: str) -> None:
     out = tmp_path / "out"
-    env = dict(os.environ, COMPRESS_FAULT_INJECTION=f"sleep:{KILLED}:60")
-    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "quantize", str(models["base"]), "-o", str(out),
-                             "--method", "nf4", *WORKERS], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
-    deadline = time.time() + 60
-    workers: list[int] = []
-    while time.time() < deadline and not (leftovers(tmp_path) and len(workers) >= 3):
-        time.sleep(0.2)
-        workers = [c for c in children(proc.pid) if "forkserver" in cmdline(c)]  # the fork server and 2 workers
-    assert leftovers(tmp_path) and len(workers) >= 3, "the run never started writing"
-    time.sleep(1)  # the task before the slow one is written; the slow one is running
+    proc, workers = stalled_run(models, tmp_path)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
@@ -229,14 +237,7 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(models: dict[str, Pat
     """SIGKILL leaves the hidden temporary folder (nothing can clean up); the next run into the same place finds it,
     removes it with one line, and leaves a live run's temporary folder alone."""
     out = tmp_path / "out"
-    env = dict(os.environ, COMPRESS_FAULT_INJECTION=f"sleep:{KILLED}:60")
-    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "quantize", str(models["base"]), "-o", str(out),
-                             "--method", "nf4", *WORKERS], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not leftovers(tmp_path):
-        time.sleep(0.2)
-    time.sleep(1)
+    proc, _ = stalled_run(models, tmp_path, start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job, workers included, as the OOM killer or `kill -9 -PGID`
     proc.communicate(timeout=60)
     stale = leftovers(tmp_path)

@@ -18,6 +18,9 @@ from typing import Any
 
 from compress.errors import InputError
 
+# The Hugging Face tokenizer files a GGUF's vocabulary is converted from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
 TOKENIZER_FIX = ("Pass --tokenizer PATH (a tokenizer.json, or a folder with one) to carry one from elsewhere, or "
                  "--tokenizer none to write the GGUF without one (llama.cpp cannot run it then).")
 
@@ -157,8 +160,7 @@ def add_hf_tokenizer(writer: Any, extra: dict[str, bytes | Path], config: dict[s
         raise InputError(f"checkpoint has no tokenizer.json to carry into the GGUF{sp}", where=where, fix=fix)
     with tempfile.TemporaryDirectory(prefix="compress-gguf-vocab-") as tmp:
         folder = Path(tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "chat_template.jinja", "chat_template.json"):
+        for name in TOKENIZER_FILES:
             src = extra.get(name)
             if src is not None:
                 (folder / name).write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())

@@ -35,14 +35,14 @@ import torch
 
 from compress.errors import InputError
 from compress.formats.checkpoint import CheckpointReader, TensorInfo
-from compress.formats.gguf_tokenizer import TOKENIZER_FIX, add_hf_tokenizer
+from compress.formats.gguf_tokenizer import TOKENIZER_FILES, TOKENIZER_FIX, add_hf_tokenizer
 from compress.formats.output import OutputFile
 from compress.formats.sink import Encoded, Sink
 from compress.quant.ggml_types import FTYPE_IDS, GGML_TYPES, ggml_nbytes
 
 TOKENIZER_MODES = ("auto", "none")  # or a path: a tokenizer.json, or a folder holding one
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json")
+GGML_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION, written by every llama.cpp converter
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # both are general.architecture = llama in llama.cpp
 
 
 def tokenizer_files(path: Path) -> dict[str, bytes | Path]:
@@ -57,8 +57,6 @@ def tokenizer_files(path: Path) -> dict[str, bytes | Path]:
     if "tokenizer.json" not in files:
         raise InputError(f"--tokenizer {path}: no tokenizer.json there", fix=TOKENIZER_FIX)
     return files
-GGML_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION, written by every llama.cpp converter
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # both are general.architecture = llama in llama.cpp
 
 
 @dataclass(frozen=True)

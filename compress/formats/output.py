@@ -78,6 +78,12 @@ class _Writing:
 WRITING = _Writing()
 
 
+def start_command() -> None:
+    """Forget the previous command's output and projected size (commands run in one process: tests, a library)."""
+    WRITING.out = None
+    WRITING.expected_bytes = None
+
+
 def expect_output_bytes(nbytes: int) -> None:
     """The projected size of the output about to be written (said when the disk fills up)."""
     WRITING.expected_bytes = int(nbytes)

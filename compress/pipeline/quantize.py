@@ -210,6 +210,8 @@ def settle_group_size(request: QuantizeRequest, *, explicit: bool, allow_float: 
     if not isinstance(config, Int4Config):
         return request, None
     with open_model(request.model) as reader:
+        if not any(e.unsupported for e in plan_quantize(reader, request).entries):
+            return request, None  # the layout holds every selected layer: nothing to settle
         plans = {g: plan_quantize(reader, replace(request, config=replace(config, group_size=g)))
                  for g in GROUP_SIZES}
     wanted = {e.info.name: math.prod(e.info.shape) for p in plans.values() for e in p.quantized}
