@@ -298,6 +298,12 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
 @click.option("--qalora-group-size", type=int, default=None,
               help="Input channels pooled per lora_A column with --quantized-base (default: the base's group size; "
                    "must be a multiple of it and divide every input size).")
+@click.option("--refine-steps", type=int, default=0, show_default=True,
+              help="After the SVD, refine all factors together for this many Adam steps so that base + adapter "
+                   "matches the tuned model's next-token distributions (KL) on the --calibration text; 1/8 of its "
+                   "samples are held out and the refined factors are kept only if their KL went down. Holds both "
+                   "models in float32. Best with the fine-tune's own training text.")
+@click.option("--refine-lr", type=float, default=2e-4, show_default=True, help="Adam learning rate of --refine-steps.")
 @click.option("--lora-only", is_flag=True,
               help="Write LoRA factors only: changed norm weights and other vectors of non-target modules, kept "
                    "whole (modules_to_save) by default, are left out and reported (for vLLM, which loads LoRA only).")
@@ -309,10 +315,11 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
                  dtype_choice: str, seed: int, budget: str | None, mean_rank: int | None, calibration: str | None,
                  calibration_samples: int, calibration_length: int, aware: str | None, quantized_base: Path | None,
-                 qalora_group_size: int | None, lora_only: bool, dry_run: bool, verbose: bool,
-                 **common: Any) -> None:
+                 qalora_group_size: int | None, refine_steps: int, refine_lr: float, lora_only: bool, dry_run: bool,
+                 verbose: bool, **common: Any) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
     from compress.calib.text import CalibrationOptions
+    from compress.lowrank.refine import RefineOptions
     from compress.lowrank.svd import RankRule
     from compress.pipeline.extract import (
         Budget,
@@ -340,9 +347,10 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
         qalora_group_size = quantized_group_size(quantized_base)
     calib = None if calibration is None else checked(
         lambda: CalibrationOptions(calibration, calibration_samples, calibration_length, seed), "extract-lora")
+    refine = None if refine_steps == 0 else checked(lambda: RefineOptions(refine_steps, refine_lr), "extract-lora")
     options = checked(lambda: ExtractOptions(rule=rule, engine=engine, targets=targets, embeddings=embeddings,
                                              dtype=getattr(torch, dtype_choice), seed=seed, calibration=calib,
-                                             budget=sized, lora_only=lora_only,
+                                             budget=sized, lora_only=lora_only, refine=refine,
                                              aware=aware or ("whitened" if quantized_base else "diagonal"),
                                              qalora_group_size=qalora_group_size), "extract-lora")
     as_json, quiet, force = common.pop("as_json"), common.pop("quiet"), common.pop("force")
@@ -351,7 +359,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
         request = ExtractRequest(base_path, tuned_path, out, options, force, quantized_base)
         if dry_run:
             return render.extract_plan(out_console, dry_run_extract(request), rule, as_json, sized,
-                                       qalora_group_size, verbose)
+                                       qalora_group_size, verbose, refine)
         report = extract_lora(request, run)
     render.result(out_console, out, report, report.adapter_bytes, as_json=as_json, quiet=quiet)  # type: ignore[arg-type]
 

@@ -161,7 +161,7 @@ def gguf_plan(console: Console, plan: Any, infos: list[Any], as_json: bool) -> N
 
 
 def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: Any = None,
-                 qalora_group_size: int | None = None, verbose: bool = False) -> None:
+                 qalora_group_size: int | None = None, verbose: bool = False, refine: Any = None) -> None:
     rows = [{"name": e.name, "shape": list(e.shape), "action": e.action, "reason": e.reason} for e in plan.entries]
     bound = plan.max_adapter_params(rule, qalora_group_size)
     if as_json:
@@ -191,6 +191,13 @@ def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: 
         console.print(f"QA-LoRA form: lora_A over inputs pooled in groups of {qalora_group_size}, extracted against "
                       "the quantized base (checked: it holds every target weight, the group size divides their "
                       "inputs)")
+    if refine is not None:
+        from compress.pipeline.extract_refine import MODEL_COPIES
+
+        memory = 4 * MODEL_COPIES * sum(math.prod(r["shape"]) for r in rows)
+        console.print(f"then {refine.steps} Adam steps (lr {refine.lr:g}) refine every factor against the tuned "
+                      f"model's next-token distributions on the calibration text; the base and the tuned model are "
+                      f"held in float32 meanwhile (about {human_bytes(int(memory))})")
     notes(console, plan.notes)
 
 

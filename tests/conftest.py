@@ -130,3 +130,15 @@ def narrow_err_console(monkeypatch: pytest.MonkeyPatch) -> None:
     from compress import cli
 
     monkeypatch.setattr(cli, "err_console", Console(stderr=True, width=40))
+
+
+def heldout_tokens(model: Path, n: int = 16, length: int = 48, seed: int = 0) -> torch.Tensor:
+    """The calibration samples extract-lora --refine-steps held out (its seeded split, recomputed) for
+    ``--calibration default --calibration-samples n --calibration-length length --seed seed``."""
+    from compress.calib.importance import calibration_tokens
+    from compress.calib.text import CalibrationOptions
+    from compress.lowrank.refine import RefineOptions
+
+    tokens, _ = calibration_tokens(model, CalibrationOptions("default", n, length, seed), [])
+    n_held = RefineOptions(1).split(n)[1]
+    return tokens[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_held]]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, run_cli
+from conftest import build_tiny_llama, heldout_tokens, run_cli
 from safetensors.torch import load_file, save_file
 
 from compress.formats.inputs import open_model
@@ -293,3 +293,39 @@ def test_bad_quantized_base(models, foreign_q: Path, nf4_q: Path, tmp_path: Path
             "float": ("--quantized-base", models.base),
             "embeddings lora": ("--quantized-base", models.q, "--embeddings", "lora")}[case]
     bad(capsys, models, tmp_path, *args, words=words)
+
+
+def test_refined_qalora_adapter_still_folds_exactly(models, tmp_path: Path, capsys) -> None:
+    """--refine-steps on a QA-LoRA adapter: the refined model is the quantized base plus the pooled update (KL of the
+    folded merge on the held-out samples = the KL refinement reports), and the fold leaves codes and scales alone."""
+    from compress.evaluation import transformers_model
+    from compress.lowrank.refine import token_kl
+
+    out = tmp_path / "adapter"
+    report = extract(capsys, models.dense, out, "--rank", "1", "--calibration", "default", "--calibration-samples",
+                     "16", "--calibration-length", "48", "--refine-steps", "10", "--refine-lr", "1e-3",
+                     base=models.base, q=models.q)
+    refinement = report["refinement"]
+    assert refinement["kept"] is True and refinement["heldout_kl_after"] < refinement["heldout_kl_before"]
+    tensors, config = adapter(out)
+    assert config["use_qalora"] is True
+    merged = tmp_path / "merged"
+    r = run_cli(capsys, "merge", models.q, "--adapter", out, "-o", merged, "--quantize", "int4", "--strategy", "fold",
+                "--format", "native", "-q")
+    assert r.rc == 0, r.err
+    with open_model(models.q) as q_reader, open_model(merged) as m_reader:
+        for n in models.names:
+            before, after = q_reader.quantized(n), m_reader.quantized(n)
+            assert torch.equal(before.codes, after.codes) and torch.equal(before.scales, after.scales), n
+            module = n.removesuffix(".weight")
+            A, B = tensors[f"{P}{module}.lora_A.weight"], tensors[f"{P}{module}.lora_B.weight"]
+            x = torch.eye(models.deq[n].shape[1])
+            applied = (peft_qalora_forward(A, B, models.deq[n], x, G) - x @ models.deq[n].T).T
+            torch.testing.assert_close(after.dequantize(torch.float32), models.deq[n] + applied, rtol=0, atol=1e-6)
+        folded = transformers_model(m_reader, dtype=torch.float32)
+    with open_model(models.dense) as reader:
+        teacher = transformers_model(reader, dtype=torch.float32)
+    held = heldout_tokens(models.base, 16, 48)
+    with torch.no_grad():
+        kl = float(token_kl(folded(input_ids=held).logits, teacher(input_ids=held).logits.float().log_softmax(-1)))
+    assert kl == pytest.approx(refinement["heldout_kl_after"], rel=1e-3)

@@ -22,6 +22,7 @@ from compress.formats.output import check_output, write_json
 from compress.formats.peft_adapter import AdapterModule, AdapterSink, AdapterSpec
 from compress.formats.quantized import DequantizingReader
 from compress.formats.sink import decode, encode
+from compress.lowrank.refine import RefineOptions
 from compress.lowrank.svd import (
     LowRank,
     RankRule,
@@ -102,6 +103,8 @@ class ExtractOptions:
     # QA-LoRA form: lora_A sees the inputs pooled over groups of this many channels, so the update is constant inside
     # each quantization group of the --quantized-base it is extracted against and folds into its zero points.
     qalora_group_size: int | None = None
+    # --refine-steps: the factors refined end to end against the tuned model on the calibration text
+    refine: RefineOptions | None = None
 
     def __post_init__(self) -> None:
         if self.embeddings not in EMBEDDING_MODES:
@@ -117,6 +120,9 @@ class ExtractOptions:
             if self.embeddings == "lora":
                 raise ValueError("QA-LoRA adapters have Linear modules only; use --embeddings skip or full with "
                                  "--quantized-base")
+        if self.refine is not None and self.calibration is None:
+            raise ValueError("--refine-steps needs --calibration FILE|default: the text the factors are refined on "
+                             "(the fine-tune's own training text works best)")
         if self.lora_only and self.embeddings == "full":
             raise ValueError("--lora-only writes LoRA factors only, but --embeddings full saves whole tensors; "
                              "use --embeddings lora or skip")
@@ -537,7 +543,9 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
                                | ({"calibration": f"activation-aware ({options.aware})"}
                                   if options.calibration else {})
                                | ({"qalora": f"group size {options.qalora_group_size}, against the quantized base"}
-                                  if options.qalora_group_size else {}),
+                                  if options.qalora_group_size else {})
+                               | ({"refine": f"{options.refine.steps} steps, lr {options.refine.lr:g}"}
+                                  if options.refine else {}),
                                notes=list(plan.notes))
         tasks = extraction_tasks(plan, options)
         factors = FactorCollector()
@@ -549,9 +557,18 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
             if options.calibration is None:
                 executor.run(tasks, factors, report.add, progress=run.on_task)
             else:
-                calibration = calibrated_extraction(request, base, tasks, executor, factors, report, run)
+                tokens, text_sha256 = extraction_tokens(request)
+                calibration = calibrated_extraction(request, base, tasks, executor, factors, report, run, tokens)
+                calibration["sha256"] = text_sha256
             if options.budget is not None:
                 apply_budget(report, factors.tensors, options)
+            refinement = None
+            if options.refine is not None:
+                from compress.pipeline.extract_refine import refine_extracted
+
+                refinement = refine_extracted(request.base, request.tuned, request.quantized_base, factors.tensors,
+                                              report, tokens, options.refine, seed=options.seed,
+                                              qalora_group_size=options.qalora_group_size, run=run)
             spec = build_adapter(plan, report, factors.tensors, base, options, str(request.base))
             if not spec.modules:
                 raise InputError("the tuned model does not differ from the base in any extractable module",
@@ -565,28 +582,36 @@ def extract_lora(request: ExtractRequest, run: RunOptions) -> ExtractReport:
                              {"base": str(request.base.resolve()), "rule": report.rule, "targets": options.targets,
                               "embeddings": options.embeddings, "dtype": str(options.dtype).removeprefix("torch."),
                               "seed": options.seed, "calibration": calibration, "quantized_base": quantized_base,
+                              "refinement": refinement,
                               "execution": executor.stats.as_dict()})
             sink.commit()
     return report
 
 
+def extraction_tokens(request: ExtractRequest) -> tuple[torch.Tensor, str]:
+    """The calibration samples [n, length] of ``request`` (the base's tokenizer, else the tuned model's: the same
+    vocabulary) and the text's sha256."""
+    from compress.calib.importance import calibration_tokens
+    from compress.evaluation import tokenizer_dir
+
+    assert request.options.calibration is not None
+    model = request.base
+    if tokenizer_dir(request.base, []) is None and tokenizer_dir(request.tuned, []) is not None:
+        model = request.tuned
+    return calibration_tokens(model, request.options.calibration, [])
+
+
 def calibrated_extraction(request: ExtractRequest, base: CheckpointReader, tasks: list[ExtractDelta],
                           executor: Executor, factors: FactorCollector, report: ExtractReport,
-                          run: RunOptions) -> dict[str, Any]:
+                          run: RunOptions, tokens: torch.Tensor) -> dict[str, Any]:
     """Run ``tasks`` block by block with the second moment S = X^T X / n of each module's inputs in the *base*
-    model on the calibration text (the base's own block outputs feed the next block); returns what provenance
-    records of the calibration."""
-    from compress.calib.importance import calibration_tokens
+    model on the calibration samples ``tokens`` [n, length] (the base's own block outputs feed the next block);
+    returns what provenance records of the calibration."""
     from compress.calib.runner import CalibrationRunner
-    from compress.evaluation import tokenizer_dir
     from compress.pipeline.calibrated import block_of, torch_threads
 
     options = request.options
     assert options.calibration is not None
-    model = request.base
-    if tokenizer_dir(request.base, []) is None and tokenizer_dir(request.tuned, []) is not None:
-        model = request.tuned  # the same vocabulary: the tuned model's tokenizer files serve the base
-    tokens, text_sha256 = calibration_tokens(model, options.calibration, [])
     threads = available_cores()  # the forward passes get every core, as in quantize --algorithm gptq
     with torch_threads(threads):
         runner = CalibrationRunner(base, tokens, run.device)
@@ -608,7 +633,7 @@ def calibrated_extraction(request: ExtractRequest, base: CheckpointReader, tasks
             run.stage(f"block {index}/{runner.n_blocks}: outputs")
             with torch_threads(threads):
                 block.finish({})  # the base model's own outputs
-    return {**options.calibration.as_dict(), "sha256": text_sha256, "aware": options.aware,
+    return {**options.calibration.as_dict(), "aware": options.aware,
             **({"damp": options.damp} if options.aware == "whitened" else {"alpha": 0.5})}
 
 

@@ -79,6 +79,7 @@ class ExtractReport:
     adapter_bytes: int = 0
     delta_bytes: int = 0  # the dense deltas of the extracted modules, float32
     notes: list[str] = field(default_factory=list)
+    refinement: dict[str, Any] | None = None  # extract-lora --refine-steps: lowrank.refine.RefineResult.as_dict()
 
     def add(self, row: ModuleRow | Unchanged | Dropped) -> None:
         if isinstance(row, ModuleRow):
@@ -114,6 +115,7 @@ class ExtractReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "totals": self.totals(), "notes": self.notes,
+                **({"refinement": self.refinement} if self.refinement is not None else {}),
                 "modules": [r.as_dict() for r in sorted(self.rows, key=lambda r: (r.retained_energy, r.module))],
                 "unchanged": self.unchanged, "dropped": [d.as_dict() for d in self.dropped]}
 
@@ -132,7 +134,10 @@ class ExtractReport:
             f"(`{t['worst_module']}`) |",
             f"| ranks used (mean) | {t['ranks']} ({t['mean_rank']:.1f}) |",
             *([f"| output error on the calibration inputs, rms over modules | {t['rms_output_error']:.4f} |"]
-              if "rms_output_error" in t else []), "",
+              if "rms_output_error" in t else []),
+            *([f"| refinement: held-out KL before -> after ({r['steps']} steps) | {r['heldout_kl_before']:.4g} -> "
+               f"{r['heldout_kl_after']:.4g} ({'kept' if r['kept'] else 'not lower: SVD factors kept'}) |"]
+              if (r := self.refinement) is not None else []), "",
         ]
         if self.notes:
             lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
