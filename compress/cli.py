@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -126,18 +127,78 @@ def run_options(f: Any) -> Any:
     f = click.option("--workers", default="1", show_default=True,
                      help="Tasks run at once: N worker processes (or Ray tasks), or 'auto' for every available core. "
                           "Outputs are byte-identical for any value.")(f)
+    f = verbose_option(f)
     return click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
                         help="Where the math runs (auto: CUDA when available).")(f)
 
 
+def verbose_option(f: Any) -> Any:
+    return click.option("--verbose", "-v", is_flag=True,
+                        help="Every tensor of a --dry-run plan, and the warnings and progress output of the "
+                             "libraries compress runs (transformers, PEFT, torch), which are hidden otherwise.")(f)
+
+
+# What the libraries print on their own (transformers' logging and loading bars, the Hub's bars) is off unless
+# --verbose; the environment is how they read it before they are imported.
+QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+@contextlib.contextmanager
+def library_output(verbose: bool) -> Iterator[None]:
+    """The libraries' warnings (Python warnings from transformers, PEFT, torch, ...) caught while a command runs:
+    with ``verbose`` each is shown as one line at the end, with their logging and progress bars on; otherwise their
+    logging and bars are off and one line says how many warnings were hidden."""
+    saved = {k: os.environ.get(k) for k in QUIET_LIBRARIES}
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    level = transformers_logging.get_verbosity() if transformers_logging else None
+    if not verbose:
+        os.environ.update(QUIET_LIBRARIES)
+    if transformers_logging is not None:  # imported already (in-process callers): its settings are read
+        if verbose:
+            transformers_logging.set_verbosity_warning()
+            transformers_logging.enable_progress_bar()
+        else:
+            transformers_logging.set_verbosity_error()
+            transformers_logging.disable_progress_bar()
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            if transformers_logging is not None and level is not None:
+                transformers_logging.set_verbosity(level)
+                transformers_logging.enable_progress_bar()
+            _show_library_warnings(list(caught), verbose)
+
+
+def _show_library_warnings(caught: list[warnings.WarningMessage], verbose: bool) -> None:
+    lines = list(dict.fromkeys(f"{w.category.__name__}: {(str(w.message).strip().splitlines() or [''])[0]}"
+                               for w in caught))
+    if not lines:
+        return
+    if verbose:
+        for line in lines:
+            err_console.print(f"library warning: {line}", markup=False, highlight=False, emoji=False,
+                              soft_wrap=True)
+    else:
+        err_console.print(f"note: {len(lines)} warning{'s' if len(lines) > 1 else ''} from the libraries hidden "
+                          "(--verbose shows them)", markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def running(device: str, workers: str, executor: str, ray_address: str | None, show: bool,
-            threads: str = "1") -> Iterator[RunOptions]:
-    """The RunOptions of a command, with a progress bar while it runs when ``show``."""
+            threads: str = "1", verbose: bool = False) -> Iterator[RunOptions]:
+    """The RunOptions of a command, with a progress bar while it runs when ``show``; the libraries' own output
+    hidden unless ``verbose`` (:func:`library_output`)."""
     options = ExecutorOptions(kind=executor, workers=parse_workers(workers), ray_address=ray_address,
                               threads=parse_threads(threads))
     torch_device = resolve_device(device)
-    with render.progress(err_console, show) as bar:
+    with library_output(verbose), render.progress(err_console, show) as bar:
         yield RunOptions(device=torch_device, executor=options, progress=bar, argv=tuple(_invocation))
 
 
@@ -192,7 +253,6 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 @click.option("--include", default=None, help="Regex: also quantize 2-D float weights whose name matches.")
 @click.option("--exclude", default=None, help="Regex: keep tensors whose name matches in their dtype.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, methods, projected size); write nothing.")
-@click.option("--verbose", "-v", is_flag=True, help="With --dry-run: every tensor, not the summary.")
 @click.option("--tokenizer", default=None, metavar="PATH|none",
               help="gguf: the tokenizer to carry (default: the model's own): a tokenizer.json or a folder with one, "
                    "or 'none' (llama.cpp cannot run the file then).")
@@ -220,7 +280,7 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
     need_output(out, dry_run)
     as_json, quiet, force = (common.pop(k) for k in ("as_json", "quiet", "force"))
     settings = algorithm_settings(common, fmt.container)
-    with running(**common, show=not (quiet or as_json)) as run:
+    with running(**common, show=not (quiet or as_json), verbose=verbose) as run:
         if fmt.container == "file":
             check_algorithm(method, settings.algorithm)
             if include is not None or exclude is not None:
@@ -308,7 +368,6 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
               help="Write LoRA factors only: changed norm weights and other vectors of non-target modules, kept "
                    "whole (modules_to_save) by default, are left out and reported (for vLLM, which loads LoRA only).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the largest possible adapter; write nothing.")
-@click.option("--verbose", "-v", is_flag=True, help="With --dry-run: every tensor, not the summary.")
 @run_options
 @output_options
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
@@ -354,7 +413,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
                                              aware=aware or ("whitened" if quantized_base else "diagonal"),
                                              qalora_group_size=qalora_group_size), "extract-lora")
     as_json, quiet, force = common.pop("as_json"), common.pop("quiet"), common.pop("force")
-    with running(**common, show=not (quiet or as_json)) as run:
+    with running(**common, show=not (quiet or as_json), verbose=verbose) as run:
         need_output(out, dry_run, "ADAPTER")
         request = ExtractRequest(base_path, tuned_path, out, options, force, quantized_base)
         if dry_run:
@@ -412,17 +471,18 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
 @click.option("--dtype", "dtype_name", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True, help="Compute dtype of the transformers models: float32 (exact) or bfloat16 "
                                       "(faster on CPUs with bf16 instructions; llama.cpp keeps its own).")
+@verbose_option
 @output_options
 def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, window: int, stride: int | None,
-             embeddings: bool, sentences: int, out: Path | None, device: str, dtype_name: str, as_json: bool,
-             quiet: bool, force: bool) -> None:
+             embeddings: bool, sentences: int, out: Path | None, device: str, dtype_name: str, verbose: bool,
+             as_json: bool, quiet: bool, force: bool) -> None:
     """What compression cost, side by side: perplexity of causal LMs, with the KL divergence from the first
     model's next-token distributions and top-1 agreement (or embedding cosine of encoders)."""
     from compress import evaluation
 
     request = evaluation.EvalRequest(models, text_path, tokens, window, stride, embeddings, out, force,
                                      sentences=sentences, dtype=dtype_name)
-    with running(device, "1", "local", None, show=not (quiet or as_json)) as run:
+    with running(device, "1", "local", None, show=not (quiet or as_json), verbose=verbose) as run:
         result = evaluation.evaluate(request, run)
     render.evaluated(out_console, result, as_json=as_json, quiet=quiet)
 
@@ -466,7 +526,8 @@ def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, wind
               help=f"int4: input channels per group, one of {', '.join(map(str, GROUP_SIZES))} (default: the "
                    "quantized base's, else 128).")
 @click.option("--sym/--asym", "symmetric", default=False, show_default=True, help="int4: symmetric or asymmetric.")
-@click.option("--dry-run", is_flag=True, help="Print which tensors each adapter changes; write nothing.")
+@click.option("--dry-run", is_flag=True, help="Print which tensors each adapter changes (a summary; every tensor with "
+              "--verbose); write nothing.")
 @functools.partial(algorithm_options, seed=False)
 @run_options
 @shard_option
@@ -475,7 +536,7 @@ def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float
           density: float | None, rank: int | None, seed: int, qalora_pooling: str, out: Path | None,
           quantize_method: str, format_name: str | None, strategy: str, float_base_path: Path | None,
           block_size: int, double_quant: bool, group_size: int | None, symmetric: bool, dry_run: bool,
-          shard_size: str, **common: Any) -> None:
+          shard_size: str, verbose: bool, **common: Any) -> None:
     """Merge LoRA adapters into BASE (a float checkpoint, or a compress NF4/INT4 output, dequantized first)."""
     from compress.pipeline import merge as m
 
@@ -487,9 +548,9 @@ def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float
                              quantize_method, format_name, strategy, float_base_path, block_size, double_quant,
                              group_size, symmetric, shard_bytes(shard_size), common.pop("force"), settings)
     as_json, quiet = common.pop("as_json"), common.pop("quiet")
-    with running(**common, show=not (quiet or as_json)) as run:
+    with running(**common, show=not (quiet or as_json), verbose=verbose) as run:
         if dry_run:
-            return render.merge_plan(out_console, m.dry_run_merge(request), as_json)
+            return render.merge_plan(out_console, m.dry_run_merge(request), as_json, verbose)
         need_output(out, dry_run)
         result = m.merge(request, run)
     render.merge_result(out_console, result, as_json=as_json, quiet=quiet)

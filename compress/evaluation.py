@@ -437,8 +437,7 @@ def evaluate(request: EvalRequest, run: Any) -> dict[str, Any]:
     independent of the number of tokens; only one KL value per scored token is kept (for the median and p99).
     """
     request.check()
-    transformers = require_transformers()
-    transformers.utils.logging.disable_progress_bar()  # its loading bars are not ours to show
+    require_transformers()
     keep: list[Any] = []
     rows: list[dict[str, Any]] = []
     state = _EvalState(request)

@@ -201,7 +201,7 @@ def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: 
     notes(console, plan.notes)
 
 
-def merge_plan(console: Console, plan: Any, as_json: bool) -> None:
+def merge_plan(console: Console, plan: Any, as_json: bool, verbose: bool = False) -> None:
     data = plan.as_dict()
     if as_json:
         echo_json(json_safe(data))
@@ -212,13 +212,28 @@ def merge_plan(console: Console, plan: Any, as_json: bool) -> None:
     for a in data["adapters"]:
         adapters.add_row(a["label"], f"{a['weight']:g}", str(a["modules"]), str(a["ranks"]), ", ".join(a["features"]))
     console.print(adapters)
-    table = Table(title="tensors the adapters change")
-    table.add_column("tensor", overflow="fold", min_width=24)
-    for col in ("shape", "dtype", "adapters", "kinds"):
-        table.add_column(col)
-    for t in data["tensors"]:
-        table.add_row(t["name"], "×".join(map(str, t["shape"])), t["dtype"], ", ".join(t["adapters"]),
-                      ", ".join(t["kinds"]))
+    if verbose:
+        table = Table(title="tensors the adapters change")
+        table.add_column("tensor", overflow="fold", min_width=24)
+        for col in ("shape", "dtype", "adapters", "kinds"):
+            table.add_column(col)
+        for t in data["tensors"]:
+            table.add_row(t["name"], "×".join(map(str, t["shape"])), t["dtype"], ", ".join(t["adapters"]),
+                          ", ".join(t["kinds"]))
+    else:  # one row per (adapters, kinds, dtype): how many tensors, of which shapes
+        groups: dict[tuple[str, str, str], dict[str, int]] = {}
+        for t in data["tensors"]:
+            shapes = groups.setdefault((", ".join(t["adapters"]), ", ".join(t["kinds"]), t["dtype"]), {})
+            shape = "×".join(map(str, t["shape"]))
+            shapes[shape] = shapes.get(shape, 0) + 1
+        table = Table(title="tensors the adapters change (every tensor: --verbose)")
+        for col in ("adapters", "kinds", "dtype", "tensors", "shapes"):
+            table.add_column(col, overflow="fold")
+        for (names, kinds, dtype), shapes in groups.items():
+            listed = ", ".join(f"{s} ×{n}" for s, n in list(shapes.items())[:4])
+            if len(shapes) > 4:
+                listed += f", and {len(shapes) - 4} more"
+            table.add_row(names, kinds, dtype, str(sum(shapes.values())), listed)
     console.print(table)
     console.print(f"{len(data['tensors'])} tensors change ({data['params_changed']:,} parameters), "
                   f"{data['tensors_unchanged']} are copied unchanged")

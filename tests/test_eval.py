@@ -268,3 +268,36 @@ def test_gguf_evaluated_in_llama_cpp(tiny_llama_tok: Path, tmp_path: Path, capsy
     # KL mean 9e-6 nats, top-1 98.7%), llama.cpp's logits compared with transformers' window by window.
     assert 0 < rows[1]["kl_median"] <= rows[1]["kl_p99"] <= rows[1]["kl_max"] < 1e-3
     assert 0 < rows[1]["kl_mean"] < 1e-3 and rows[1]["top1_agreement"] > 0.9
+
+
+def test_library_warnings_are_hidden_unless_verbose(lm_with_tokenizer: Path, capfd,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """What transformers and PEFT print on their own (Python warnings, their logging) is not the user's business
+    unless --verbose: one line counts the hidden warnings, transformers' logging is at ERROR; with -v each warning
+    shows as one line and transformers logs its warnings."""
+    import logging
+    import warnings
+
+    from compress import evaluation
+
+    real_load = evaluation.load_model
+    levels = []
+
+    def chatty_load(*args, **kwargs):  # what a library does while a model loads
+        warnings.warn("`old_argument` is deprecated and will be removed in v6.\nMore lines here.", FutureWarning,
+                      stacklevel=1)
+        levels.append(transformers.utils.logging.get_verbosity())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "load_model", chatty_load)
+    argv = ["eval", str(lm_with_tokenizer), "--tokens", "64", "--window", "32", "-q"]
+    capfd.readouterr()
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert err.strip().splitlines() == ["note: 1 warning from the libraries hidden (--verbose shows them)"], err
+    assert main([*argv, "--verbose"]) == 0
+    err = capfd.readouterr().err
+    assert err.strip().splitlines() == [
+        "library warning: FutureWarning: `old_argument` is deprecated and will be removed in v6."], err
+    assert main(argv) == 0  # and quiet again afterwards, in the same process
+    assert levels == [logging.ERROR, logging.WARNING, logging.ERROR]

@@ -516,6 +516,24 @@ def test_cuda_agrees_with_cpu(options: tuple[object, ...], llama: Path, tmp_path
 # --- output folder, dry run, provenance ------------------------------------------------------------
 
 
+def test_dry_run_summarises_unless_verbose(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The dry run lists one row per (adapters, kinds, dtype) with the count and the shapes; every tensor with -v."""
+    adapter = make_adapter(llama, tmp_path / "a", seed=1, target_modules=["q_proj", "v_proj", "down_proj"])
+    plan = json.loads(run(capsys, "merge", llama, "--adapter", adapter, "--dry-run", "--json").out)
+    r = run(capsys, "merge", llama, "--adapter", adapter, "--dry-run")
+    assert r.rc == 0 and "(every tensor: --verbose)" in r.out
+    names = [t["name"] for t in plan["tensors"]]
+    assert len(names) == 6 and not any(n in r.out for n in names)
+    shapes: dict[str, int] = {}
+    for t in plan["tensors"]:
+        shape = "×".join(map(str, t["shape"]))
+        shapes[shape] = shapes.get(shape, 0) + 1
+    row = next(line for line in r.out.splitlines() if " linear " in line)
+    assert f" {len(names)} " in row and all(f"{s} ×{n}" in row for s, n in shapes.items())
+    r = run(capsys, "merge", llama, "--adapter", adapter, "--dry-run", "--verbose")
+    assert r.rc == 0 and all(n in r.out for n in names)
+
+
 def test_output_folder_dry_run_and_force(llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     adapter = make_adapter(llama, tmp_path / "a", seed=1, target_modules=["q_proj"])
     out = tmp_path / "merged"
