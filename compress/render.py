@@ -60,11 +60,82 @@ class RichProgress:
                         tasks=f"{min(self.done_tasks, self.total_tasks)}/{self.total_tasks}")
 
 
+class LineProgress:
+    """Progress for a stderr that is not a terminal (a pipe, a CI log): plain lines instead of a bar. What the run
+    is doing (a stage, or how many tasks are done) at most once every ``interval`` seconds, and one line when each
+    phase ends: its tasks, bytes and seconds."""
+
+    def __init__(self, console: Console, interval: float = 10.0) -> None:
+        import time
+
+        self.console, self.interval, self.clock = console, interval, time.monotonic
+        self.label: str | None = None
+        self.total_bytes = self.total_tasks = self.done_bytes = self.done_tasks = 0
+        self.started = self.last = 0.0
+
+    def _line(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+    def _due(self) -> bool:
+        now = self.clock()
+        if now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
+
+    def start(self, label: str, total_bytes: int, total_tasks: int) -> None:
+        self.finish()
+        self.label, self.total_bytes, self.total_tasks = label, total_bytes, total_tasks
+        self.done_bytes = self.done_tasks = 0
+        self.started = self.last = self.clock()
+
+    def stage(self, text: str) -> None:
+        if self.label is not None and self._due():
+            self._line(f"{self.label}: {text}")
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self.done_tasks += 1
+        self.done_bytes += nbytes
+        if self._due():
+            share = self.done_bytes / self.total_bytes if self.total_bytes else 0.0
+            self._line(f"{self.label}: {min(self.done_tasks, self.total_tasks)}/{self.total_tasks} tasks, "
+                       f"{human_bytes(self.done_bytes)} of {human_bytes(self.total_bytes)} ({share:.0%})")
+
+    def finish(self) -> None:
+        """The line that ends the current phase (nothing when none is running)."""
+        if self.label is None:
+            return
+        self._line(f"{self.label}: done, {min(self.done_tasks, self.total_tasks)}/{self.total_tasks} tasks, "
+                   f"{human_bytes(self.done_bytes)} in {self.clock() - self.started:.1f} s")
+        self.label = None
+
+
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+
+
 @contextlib.contextmanager
-def progress(console: Console, enabled: bool) -> Iterator[RichProgress | None]:
-    """A progress bar while the block runs (None when disabled or stderr is not a terminal)."""
-    if not enabled or not console.is_terminal:
+def progress(console: Console, enabled: bool) -> Iterator[RichProgress | LineProgress | None]:
+    """Progress while the block runs, as COMPRESS_PROGRESS says: ``auto`` (the default) a bar on a terminal and
+    lines (:class:`LineProgress`) elsewhere, ``bar``, ``lines`` or ``off``; None when ``enabled`` is false."""
+    import os
+
+    mode = os.environ.get("COMPRESS_PROGRESS", "auto").lower()
+    if mode not in PROGRESS_MODES:
+        mode = "auto"
+    if mode == "auto":
+        mode = "bar" if console.is_terminal else "lines"
+    if not enabled or mode == "off":
         yield None
+        return
+    if mode == "lines":
+        lines = LineProgress(console)
+        ok = False
+        try:
+            yield lines
+            ok = True
+        finally:
+            if ok:  # a run that failed says so itself; its last phase did not finish
+                lines.finish()
         return
     bar = RichProgress(console)
     with bar.bar:

@@ -14,6 +14,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No progress output in the suite (stderr is not a terminal here, so "auto" would print progress lines among the
+# messages tests read); tests/test_cli_output.py turns it back on where progress is what it checks.
+os.environ.setdefault("COMPRESS_PROGRESS", "off")
 
 
 def smollm2_gguf_path() -> Path | None:

@@ -253,6 +253,52 @@ def test_piped_output_is_never_cut(tmp_path: Path) -> None:
     assert max(len(line) for line in r.stdout.splitlines()) > 80
 
 
+def test_piped_progress_is_lines_not_a_bar(tiny_llama: Path, tmp_path: Path) -> None:
+    """stderr into a pipe with the default COMPRESS_PROGRESS (auto): no bar (no terminal escapes, no carriage
+    returns), one line when the phase ends with every task counted; COMPRESS_PROGRESS=off prints none."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COMPRESS_PROGRESS"}
+    argv = [sys.executable, "-m", "compress.cli", "quantize", str(tiny_llama), "--method", "int4", "--group-size",
+            "32"]
+    r = subprocess.run([*argv, "-o", str(tmp_path / "q")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b[" not in r.stderr and "\r" not in r.stderr
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    n = len(report["quantized"]) + len(report["kept"])
+    done = [line for line in r.stderr.splitlines() if ": done, " in line]
+    assert len(done) == 1 and re.fullmatch(rf"int4 \(int4 g32 asym\): done, {n}/{n} tasks, .+ in [0-9.]+ s", done[0])
+    r = subprocess.run([*argv, "-o", str(tmp_path / "q2")], capture_output=True, text=True,
+                       env=env | {"COMPRESS_PROGRESS": "off"}, timeout=300)
+    assert r.returncode == 0 and ": done, " not in r.stderr
+
+
+def test_line_progress_is_rate_limited() -> None:
+    """A line at most every interval (stages and task counts alike), and one when the phase ends."""
+    import io
+
+    from rich.console import Console
+
+    from compress.render import LineProgress
+
+    now = [0.0]
+    buffer = io.StringIO()
+    lines = LineProgress(Console(file=buffer, width=200), interval=10.0)
+    lines.clock = lambda: now[0]
+    lines.start("quantize", 1000, 4)
+    for step in range(4):
+        now[0] += 6.0
+        lines.advance(f"t{step}", 250)
+    lines.stage("writing")
+    lines.finish()
+    assert buffer.getvalue().splitlines() == ["quantize: 2/4 tasks, 500 B of 1.0 KB (50%)",
+                                              "quantize: 4/4 tasks, 1.0 KB of 1.0 KB (100%)",
+                                              "quantize: done, 4/4 tasks, 1.0 KB in 24.0 s"]
+
+
 def test_gguf_input_end_to_end(smollm2_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "smol"
     assert run("quantize", smollm2_gguf, "-o", out, "--method", "int4", "-q") == 0
