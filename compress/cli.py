@@ -13,25 +13,31 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 from rich.console import Console
 
+# Only what needs no torch at import: --help, `methods` and option errors answer without loading the math (torch
+# takes seconds to import); each command imports the pipeline it runs.
 from compress import __version__, render
+from compress.catalog import (
+    ALGORITHMS,
+    BLOCK_SIZES,
+    COMBINE,
+    DEVICES,
+    EXECUTORS,
+    FORMATS,
+    GROUP_SIZES,
+    METHODS,
+    QALORA_POOLINGS,
+    STRATEGIES,
+)
 from compress.errors import CompressError, OptionError
-from compress.formats import FORMATS
-from compress.merge.combine import COMBINE_METHODS
-from compress.merge.lora import QALORA_POOLING
-from compress.merge.requant import STRATEGIES
-from compress.pipeline.execute import EXECUTORS, ExecutorOptions, parse_threads, parse_workers, resolve_device
-from compress.pipeline.plan import check_algorithm
-from compress.pipeline.report import parse_size
-from compress.pipeline.run import RunOptions
-from compress.quant import ALGORITHMS, METHODS, make_config
-from compress.quant.int4 import GROUP_SIZES
-from compress.quant.nf4 import BLOCK_SIZES
+from compress.units import parse_size
+
+if TYPE_CHECKING:
+    from compress.pipeline.run import RunOptions
 
 
 def _console(*, stderr: bool) -> Console:
@@ -49,7 +55,6 @@ _invocation: list[str] = []  # the command line of this run, for provenance
 
 METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 FORMAT_HELP = "; ".join(f"{f.name} ({'/'.join(f.methods)}): {f.summary}" for f in FORMATS.values())
-DEVICES = ["auto", "cpu", "cuda"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -195,6 +200,9 @@ def running(device: str, workers: str, executor: str, ray_address: str | None, s
             threads: str = "1", verbose: bool = False) -> Iterator[RunOptions]:
     """The RunOptions of a command, with a progress bar while it runs when ``show``; the libraries' own output
     hidden unless ``verbose`` (:func:`library_output`)."""
+    from compress.pipeline.execute import ExecutorOptions, parse_threads, parse_workers, resolve_device
+    from compress.pipeline.run import RunOptions
+
     options = ExecutorOptions(kind=executor, workers=parse_workers(workers), ray_address=ray_address,
                               threads=parse_threads(threads))
     torch_device = resolve_device(device)
@@ -268,6 +276,8 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
     folder) or to a llama.cpp file type (4 to 8 bits, --format gguf)."""
     from compress.pipeline import calibrated, gguf
     from compress.pipeline import quantize as q
+    from compress.pipeline.plan import check_algorithm
+    from compress.quant import make_config
 
     fmt = FORMATS[format_name or METHODS[method].default_format]
     if method not in fmt.methods:
@@ -377,6 +387,8 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
                  qalora_group_size: int | None, refine_steps: int, refine_lr: float, lora_only: bool, dry_run: bool,
                  verbose: bool, **common: Any) -> None:
     """Recover a PEFT LoRA adapter from BASE and TUNED by truncated SVD of each weight delta."""
+    import torch
+
     from compress.calib.text import CalibrationOptions
     from compress.lowrank.refine import RefineOptions
     from compress.lowrank.svd import RankRule
@@ -493,15 +505,15 @@ def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, wind
               help="A PEFT LoRA adapter folder (repeat for several; QA-LoRA, DoRA, rsLoRA adapters included).")
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight of each adapter, in --adapter order (repeat; default 1.0 for every adapter).")
-@click.option("--combine", "combine_name", type=click.Choice(list(COMBINE_METHODS)), default="sum", show_default=True,
-              help="; ".join(f"{m.name}: {m.summary} ({m.paper})" for m in COMBINE_METHODS.values()))
+@click.option("--combine", "combine_name", type=click.Choice(list(COMBINE)), default="sum", show_default=True,
+              help="; ".join(f"{m.name}: {m.summary} ({m.paper})" for m in COMBINE.values()))
 @click.option("--density", type=float, default=None,
               help="ties: fraction of each delta kept by magnitude; dare: probability an element survives "
                    "(default 0.5).")
 @click.option("--rank", type=int, default=None, help="svd: target rank (default: the largest adapter rank).")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the drop masks; svd: of the "
               "randomized SVD.")
-@click.option("--qalora-pooling", type=click.Choice(list(QALORA_POOLING)), default="peft", show_default=True,
+@click.option("--qalora-pooling", type=click.Choice(list(QALORA_POOLINGS)), default="peft", show_default=True,
               help="How QA-LoRA adapters pooled each input group in training: peft (PEFT 0.21: group mean times "
                    "in/g), mean (QA-LoRA reference code), sum (QA-LoRA paper).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path),

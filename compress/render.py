@@ -14,11 +14,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from compress.formats import FORMATS
-from compress.formats.base import dtype_name
-from compress.pipeline.report import human_bytes
-from compress.pipeline.run import json_safe
-from compress.quant import METHODS, config_to_dict, describe_config
+from compress.catalog import FORMATS, METHODS
+from compress.units import human_bytes
 
 
 def echo_json(data: Any) -> None:
@@ -176,6 +173,9 @@ def _plan_summary(console: Console, title: str, groups: dict[tuple[str, str], li
 
 
 def quantize_plan(console: Console, plan: Any, as_json: bool, verbose: bool = False) -> None:
+    from compress.formats.base import dtype_name
+    from compress.quant import config_to_dict, describe_config
+
     data = {
         "method": plan.method, "parameters": config_to_dict(plan.config), "format": plan.format.name,
         "algorithm": plan.algorithm, "bytes_before": plan.input_bytes, "bytes_after": plan.output_bytes,
@@ -273,6 +273,8 @@ def extract_plan(console: Console, plan: Any, rule: Any, as_json: bool, budget: 
 
 
 def merge_plan(console: Console, plan: Any, as_json: bool, verbose: bool = False) -> None:
+    from compress.pipeline.run import json_safe
+
     data = plan.as_dict()
     if as_json:
         echo_json(json_safe(data))
@@ -366,6 +368,8 @@ def inspected(console: Console, data: dict[str, Any], *, as_json: bool, show_ten
 
 
 def evaluated(console: Console, data: dict[str, Any], *, as_json: bool, quiet: bool) -> None:
+    from compress.pipeline.run import json_safe
+
     if as_json:
         echo_json(json_safe(data))
         return

@@ -39,8 +39,8 @@ from conftest import build_tiny_llama
 
 from compress.errors import InputError
 from compress.formats.imatrix import ImatrixEntry, ImportanceMatrix, read_imatrix, write_imatrix
+from compress.ggml_types import BLOCK_TYPES
 from compress.quant.ggml import GGMLConfig, quantize_ggml
-from compress.quant.ggml_types import BLOCK_TYPES
 from compress.quant.llama_cpp import llama_cpp_type
 
 gguf = pytest.importorskip("gguf")

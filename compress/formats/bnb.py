@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from compress.catalog import FORMATS as FORMAT_INFO
 from compress.formats.base import WeightFormat, dtype_name, module_name, parse_dtype
 from compress.formats.writer import TensorSpec
 from compress.quant.base import QuantizedTensor
@@ -54,8 +55,7 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 class BnbFormat(WeightFormat):
     name = "bnb"
-    summary = "transformers + bitsandbytes pre-quantized 4-bit (load_in_4bit checkpoints)"
-    methods = ("nf4", "fp4")
+    summary, methods = FORMAT_INFO[name].summary, FORMAT_INFO[name].methods
 
     def unsupported(self, shape: tuple[int, ...], config: Any) -> str | None:
         if len(shape) != 2:

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from compress.catalog import FORMATS as FORMAT_INFO
 from compress.formats.base import WeightFormat, module_name
 from compress.formats.gptq import pack_int4_cols, pack_int4_rows, unpack_int4_rows
 from compress.formats.writer import TensorSpec
@@ -85,8 +86,7 @@ def _weights_args(quantization_config: dict[str, Any]) -> dict[str, Any]:
 
 class CompressedTensorsFormat(WeightFormat):
     name = "compressed-tensors"
-    summary = "compressed-tensors pack-quantized W4A16 (weight_packed/weight_scale; vLLM, transformers)"
-    methods = ("int4",)
+    summary, methods = FORMAT_INFO[name].summary, FORMAT_INFO[name].methods
     parts = PARTS
 
     def adapt_config(self, config: Any, dtype: torch.dtype) -> Any:

@@ -3,14 +3,10 @@
 
 from __future__ import annotations
 
+from compress.catalog import FORMATS as FORMAT_INFO
 from compress.formats.base import ExportFormat
-from compress.quant import GGML_METHODS
 
 
 class GgufFormat(ExportFormat):
     name = "gguf"
-    summary = ("llama.cpp GGUF file (Llama architecture): llama-quantize's file types (Q4_0 ... Q8_0, Q4_K_M ...), "
-               "llama.cpp names and metadata, tokenizer carried over; llama.cpp, llama-cpp-python, Ollama, "
-               "transformers")
-    methods = GGML_METHODS
-    container = "file"
+    summary, methods, container = FORMAT_INFO[name].summary, FORMAT_INFO[name].methods, FORMAT_INFO[name].container

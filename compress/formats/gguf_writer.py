@@ -38,7 +38,7 @@ from compress.formats.checkpoint import CheckpointReader, TensorInfo
 from compress.formats.gguf_tokenizer import TOKENIZER_FILES, TOKENIZER_FIX, add_hf_tokenizer
 from compress.formats.output import OutputFile
 from compress.formats.sink import Encoded, Sink
-from compress.quant.ggml_types import FTYPE_IDS, GGML_TYPES, ggml_nbytes
+from compress.ggml_types import FTYPE_IDS, GGML_TYPES, ggml_nbytes
 
 TOKENIZER_MODES = ("auto", "none")  # or a path: a tokenizer.json, or a folder holding one
 GGML_QUANT_VERSION = 2  # gguf.GGML_QUANT_VERSION, written by every llama.cpp converter

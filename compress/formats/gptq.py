@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from compress.catalog import FORMATS as FORMAT_INFO
 from compress.formats.base import WeightFormat, module_name
 from compress.formats.writer import TensorSpec
 from compress.quant.base import QuantizedTensor
@@ -67,8 +68,7 @@ def unpack_int4_rows(words: torch.Tensor) -> torch.Tensor:
 
 class GptqFormat(WeightFormat):
     name = "gptq"
-    summary = "GPTQ int4 (qweight/qzeros/scales/g_idx; transformers+gptqmodel, vLLM, TGI, exllama)"
-    methods = ("int4",)
+    summary, methods = FORMAT_INFO[name].summary, FORMAT_INFO[name].methods
     parts = ("qweight", "qzeros", "scales", "g_idx")
 
     def unsupported(self, shape: tuple[int, ...], config: Any) -> str | None:

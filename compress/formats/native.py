@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from compress.catalog import FORMATS as FORMAT_INFO
 from compress.formats.base import WeightFormat, dtype_name, module_name, parse_dtype
 from compress.formats.writer import TensorSpec
 from compress.quant.base import QuantizedTensor
@@ -51,9 +52,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 class NativeFormat(WeightFormat):
     name = "native"
-    summary = ("compress' INT4 with float offsets per group (exact target of QA-LoRA merges; read by "
-               "`compress dequantize`, no engine loads it directly)")
-    methods = ("int4",)
+    summary, methods = FORMAT_INFO[name].summary, FORMAT_INFO[name].methods
     parts = PARTS
     float_offsets = True
 

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from compress.catalog import COMBINE
 from compress.lowrank.svd import ENGINES, RankRule, low_rank
 
 
@@ -205,8 +206,8 @@ class CombineMethod(ABC):
 @dataclass(frozen=True)
 class SumMethod(CombineMethod):
     name: ClassVar[str] = "sum"
-    summary: ClassVar[str] = "exact weighted sum of the deltas"
-    paper: ClassVar[str] = "https://arxiv.org/abs/2212.04089"
+    summary: ClassVar[str] = COMBINE["sum"].summary
+    paper: ClassVar[str] = COMBINE["sum"].paper
     exact_sum: ClassVar[bool] = True
 
     def combine(self, deltas: Sequence[torch.Tensor], weights: Sequence[float], *, key: str = "",
@@ -217,9 +218,8 @@ class SumMethod(CombineMethod):
 @dataclass(frozen=True)
 class CatMethod(CombineMethod):
     name: ClassVar[str] = "cat"
-    summary: ClassVar[str] = ("concatenated ranks (r1 + r2 + ...): B'A' is exactly the weighted sum; "
-                              "dense result identical to sum")
-    paper: ClassVar[str] = "https://github.com/huggingface/peft (add_weighted_adapter, combination_type='cat')"
+    summary: ClassVar[str] = COMBINE["cat"].summary
+    paper: ClassVar[str] = COMBINE["cat"].paper
     exact_sum: ClassVar[bool] = True
 
     def combine(self, deltas: Sequence[torch.Tensor], weights: Sequence[float], *, key: str = "",
@@ -233,8 +233,8 @@ class TiesMethod(CombineMethod):
 
     density: float = 0.5
     name: ClassVar[str] = "ties"
-    summary: ClassVar[str] = "trim to --density by magnitude, elect sign by total magnitude, disjoint mean"
-    paper: ClassVar[str] = "https://arxiv.org/abs/2306.01708"
+    summary: ClassVar[str] = COMBINE["ties"].summary
+    paper: ClassVar[str] = COMBINE["ties"].paper
 
     def __post_init__(self) -> None:
         if not (0 < self.density <= 1):
@@ -252,8 +252,8 @@ class DareMethod(CombineMethod):
     density: float = 0.5
     seed: int = 0
     name: ClassVar[str] = "dare"
-    summary: ClassVar[str] = "drop elements at random (keep --density, seeded by --seed), rescale by 1/density, sum"
-    paper: ClassVar[str] = "https://arxiv.org/abs/2311.03099"
+    summary: ClassVar[str] = COMBINE["dare"].summary
+    paper: ClassVar[str] = COMBINE["dare"].paper
 
     def __post_init__(self) -> None:
         if not (0 < self.density <= 1):
@@ -274,8 +274,8 @@ class SvdMethod(CombineMethod):
     engine: str = "auto"
     seed: int = 0
     name: ClassVar[str] = "svd"
-    summary: ClassVar[str] = "exact weighted sum, re-compressed to --rank by truncated SVD"
-    paper: ClassVar[str] = "https://github.com/huggingface/peft (add_weighted_adapter, combination_type='svd')"
+    summary: ClassVar[str] = COMBINE["svd"].summary
+    paper: ClassVar[str] = COMBINE["svd"].paper
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 1:

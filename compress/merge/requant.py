@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.catalog import STRATEGIES  # re-exported
 from compress.metrics import ErrorMetrics
 from compress.quant.base import QuantizedTensor
 from compress.quant.int4 import AffineInt4Tensor, Int4Config, Int4Tensor
 
-STRATEGIES = ("fold", "fold-requant", "refit", "requantize", "float")
 REFIT_ROUNDS = 2
 
 

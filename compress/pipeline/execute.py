@@ -37,13 +37,13 @@ from typing import Any, Protocol
 
 import torch
 
+from compress.catalog import EXECUTORS  # re-exported
 from compress.errors import CompressError, OptionError
 from compress.formats.checkpoint import CheckpointReader
 from compress.formats.sink import Encoded
 from compress.pipeline.tasks import Source, Task, TaskContext, TaskResult, run_task
 
 Progress = Callable[[str, int], None]  # (task name, input bytes just finished)
-EXECUTORS = ("local", "ray")
 RAY_RETRIES = 3
 
 

@@ -36,6 +36,7 @@ from compress.formats.imatrix import ImportanceMatrix, read_imatrix, write_imatr
 from compress.formats.inputs import open_model
 from compress.formats.output import OutputFile, check_output, expect_output_bytes, json_text
 from compress.formats.sink import Encoded, encode_packed
+from compress.ggml_types import FTYPE_IDS, GGML_TYPES, ggml_block_size
 from compress.metrics import ErrorMetrics, compare
 from compress.pipeline.algorithm import AlgorithmSettings
 from compress.pipeline.execute import Executor, execute
@@ -45,7 +46,6 @@ from compress.pipeline.run import RunOptions, json_safe, write_provenance
 from compress.pipeline.tasks import ModelSource, Task, TaskContext, TaskResult
 from compress.quant import config_to_dict
 from compress.quant.ggml import GGMLConfig, quantize_ggml
-from compress.quant.ggml_types import FTYPE_IDS, GGML_TYPES, ggml_block_size
 from compress.quant.llama_cpp import llama_cpp_type
 
 METHODS = tuple(FTYPE_IDS)  # what export_gguf writes: the llama.cpp file types and f16 / f32

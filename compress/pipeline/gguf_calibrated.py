@@ -29,6 +29,7 @@ from compress.formats.checkpoint import CheckpointReader
 from compress.formats.gguf_names import reverse_permute_qk
 from compress.formats.imatrix import ImatrixEntry, ImportanceMatrix
 from compress.formats.sink import encode_packed
+from compress.ggml_types import GGML_TYPES
 from compress.pipeline.calibrated import block_of, torch_threads
 from compress.pipeline.execute import Executor, available_cores
 from compress.pipeline.gguf import GGUFPlan, GGUFTensorTask, PlannedTensor, gguf_row, not_finite
@@ -37,7 +38,6 @@ from compress.pipeline.run import RunOptions
 from compress.pipeline.tasks import Task, TaskContext, TaskResult
 from compress.quant.ggml import GGMLConfig, quantize_ggml
 from compress.quant.ggml_gptq import gptq_ggml
-from compress.quant.ggml_types import GGML_TYPES
 from compress.quant.gptq import GPTQConfig, output_errors
 
 

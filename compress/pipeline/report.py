@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.metrics import ErrorMetrics
+from compress.units import human_bytes, parse_size  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -247,23 +248,3 @@ def size_ratio(ratio: float) -> str:
     return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger than the input"
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000, '500MB', '2GiB', '123' (bytes). ValueError if malformed."""
-    s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
-             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "K": 1000, "M": 1000**2, "G": 1000**3,
-             "B": 1}
-    unit = next((u for u in units if s.endswith(u)), "")
-    number, factor = (s[: -len(unit)], units[unit]) if unit else (s, 1)
-    value = float(number)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return int(value * factor)

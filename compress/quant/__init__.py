@@ -1,7 +1,7 @@
 """Quantization methods: one registry entry per method, each a pure tensor -> tensor function.
 
 ``METHODS[name].quantize(W, config)`` returns a :class:`~compress.quant.base.QuantizedTensor`;
-``--help`` and ``compress methods`` are generated from this table.
+their names and summaries come from :mod:`compress.catalog`, which ``--help`` and ``compress methods`` read.
 """
 
 from __future__ import annotations
@@ -12,25 +12,14 @@ from typing import Any
 
 import torch
 
+from compress.catalog import ALGORITHMS
+from compress.catalog import METHODS as CATALOG_METHODS
+from compress.ggml_types import GGML_METHODS
 from compress.quant.base import QuantizedTensor
 from compress.quant.ggml import GGMLConfig, GGMLTensor, quantize_ggml
-from compress.quant.ggml_types import FILE_TYPES, GGML_METHODS
 from compress.quant.int4 import AffineInt4Tensor, Int4Config, Int4Tensor, quantize_int4
 from compress.quant.nf4 import NF4Config, NF4Tensor, quantize_nf4
 from compress.quant.optimize import optimize_int4, optimize_nf4
-
-# --algorithm: how the grid is chosen. rtn: round to nearest on the grid of each group's extremes (the
-# reference libraries' bytes); optimize: each group's grid searched to minimise the weight error
-# (compress.quant.optimize), never worse than rtn tensor by tensor.
-ALGORITHMS = {
-    "rtn": "round to nearest on each group's min/max grid (today's bytes, identical to the reference libraries)",
-    "optimize": "calibration-free: each group's scale/zero (INT4) or absmax (NF4/FP4) searched to minimise the "
-                "weight error under the layout's constraints (GGUF: llama.cpp's block searches); never worse than "
-                "rtn, tensor by tensor",
-    "gptq": "GPTQ from calibration activations (--calibration): the optimised grid (GGUF: the block scales "
-            "searched with the activations' importance) fixed first, then the codes rounded column by column with "
-            "second-order error compensation, block by block through the model",
-}
 
 
 @dataclass(frozen=True)
@@ -49,42 +38,20 @@ class QuantMethod:
     algorithms: tuple[str, ...] = ("rtn", "optimize", "gptq")
 
 
-METHODS: dict[str, QuantMethod] = {
-    "nf4": QuantMethod(
-        name="nf4",
-        summary="4-bit NormalFloat, block-wise absmax (bitsandbytes / QLoRA); --block-size, --double-quant",
-        config_cls=NF4Config,
-        quantize=quantize_nf4,
-        default_format="bnb",
-        reference="https://arxiv.org/abs/2305.14314",
-        optimize=optimize_nf4,
-    ),
-    "fp4": QuantMethod(
-        name="fp4",
-        summary="bitsandbytes' 4-bit float (e2m1), block-wise absmax; --block-size, --double-quant",
-        config_cls=NF4Config,
-        quantize=quantize_nf4,
-        default_format="bnb",
-        reference="https://arxiv.org/abs/2305.14314",
-        optimize=optimize_nf4,
-    ),
-    "int4": QuantMethod(
-        name="int4",
-        summary="4-bit integers, group-wise round-to-nearest along the input (GPTQ layout); "
-        "--group-size, --sym/--asym",
-        config_cls=Int4Config,
-        quantize=quantize_int4,
-        default_format="gptq",
-        reference="https://arxiv.org/abs/2210.17323",
-        optimize=optimize_int4,
-    ),
+_IMPLEMENTATIONS = {  # the catalog's methods (names, summaries: compress.catalog) and their functions
+    "nf4": (NF4Config, quantize_nf4, optimize_nf4),
+    "fp4": (NF4Config, quantize_nf4, optimize_nf4),
+    "int4": (Int4Config, quantize_int4, optimize_int4),
 }
-# llama.cpp's file types, from their table; each GGUF file follows llama-quantize's per-tensor recipe (output at
-# 6 bits or more, fallbacks for rows that are not whole blocks) and is byte-identical to it.
-for _ft in FILE_TYPES.values():
-    METHODS[_ft.name] = QuantMethod(name=_ft.name, summary=_ft.summary, config_cls=GGMLConfig, quantize=quantize_ggml,
-                                    default_format="gguf", reference=_ft.reference,
-                                    algorithms=("rtn", "optimize", "gptq"))
+METHODS: dict[str, QuantMethod] = {}
+for _info in CATALOG_METHODS.values():
+    # llama.cpp's file types each follow llama-quantize's per-tensor recipe (output at 6 bits or more, fallbacks
+    # for rows that are not whole blocks) and are byte-identical to it; their own quantize function searches when
+    # given an importance
+    _config_cls, _quantize, _optimize = _IMPLEMENTATIONS.get(_info.name, (GGMLConfig, quantize_ggml, None))
+    METHODS[_info.name] = QuantMethod(name=_info.name, summary=_info.summary, config_cls=_config_cls,
+                                      quantize=_quantize, default_format=_info.default_format,
+                                      reference=_info.reference, optimize=_optimize)
 
 QuantConfig = NF4Config | Int4Config | GGMLConfig
 

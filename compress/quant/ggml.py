@@ -57,8 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.quant.base import QuantizedTensor, check_float_matrix
-from compress.quant.ggml_types import (
+from compress.ggml_types import (
     BLOCK_TYPES,
     GGML_TYPE_IDS,
     GGML_TYPES,
@@ -69,6 +68,7 @@ from compress.quant.ggml_types import (
     ggml_block_size,
     ggml_nbytes,
 )
+from compress.quant.base import QuantizedTensor, check_float_matrix
 from compress.quant.kquants import (
     KQuantTensor,
     _make_qkx2,

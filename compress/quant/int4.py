@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from compress.catalog import GROUP_SIZES  # re-exported: int4 group sizes
 from compress.quant.base import QuantizedTensor, check_float_matrix
 
-GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK_ELEMENTS = 1 << 18  # rows are processed a cache-sized chunk at a time
 

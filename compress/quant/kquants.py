@@ -49,8 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.ggml_types import GGML_TYPE_IDS, K_TYPES, QK_K, TYPE_SIZES
 from compress.quant.base import QuantizedTensor, check_float_matrix
-from compress.quant.ggml_types import GGML_TYPE_IDS, K_TYPES, QK_K, TYPE_SIZES
 
 GROUP_MAX_EPS = 1e-15
 CHUNK_SUPERBLOCKS = 1 << 10  # 1024 super-blocks (1 MiB of float32) per step: measured fastest on one core

@@ -6,7 +6,7 @@ without experts, with or without an importance matrix. Pure policy: names and si
 
 from __future__ import annotations
 
-from compress.quant.ggml_types import K_MIXTURES, ggml_block_size
+from compress.ggml_types import K_MIXTURES, ggml_block_size
 
 # llama-quantize's fallback when rows are not whole 256-element super-blocks (tensor_type_fallback)
 K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}

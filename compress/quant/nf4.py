@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.catalog import BLOCK_SIZES  # re-exported: what bitsandbytes accepts
 from compress.quant.base import QuantizedTensor, check_float_matrix
 
 NF4_TABLE = (
@@ -47,7 +48,6 @@ FP4_TABLE = tuple(
     (torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3]) / 12).tolist()
 )
 TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
-BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 NESTED_BLOCK_SIZE = 256  # hard-coded by bitsandbytes and transformers' loader
 CHUNK_ELEMENTS = 1 << 18  # ~1 MB of float32 per chunk: the intermediates stay in cache
 
