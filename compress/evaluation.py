@@ -25,6 +25,7 @@ Language Reference prose that ships with CPython (``pydoc_data/topics.py``), so 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import math
@@ -156,6 +157,16 @@ def load_model(path: Path, *, encoder: bool, device: torch.device, keep: list[An
     return LoadedModel(model.to(device).eval(), how, tok_dir, size)
 
 
+def _no_init_weights() -> Any:
+    """transformers' own context that builds a model without initialising its weights (where it has one)."""
+    for module in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return importlib.import_module(module).no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
 def transformers_model(reader: Any, *, encoder: bool = False, dtype: torch.dtype | None = None) -> Any:
     """A transformers model built from ``reader``'s config.json (``AutoModel`` / ``AutoModelForCausalLM``) holding
     the weights compress reads from it (quantized layouts dequantized), in ``dtype`` (default: the config's,
@@ -171,7 +182,10 @@ def transformers_model(reader: Any, *, encoder: bool = False, dtype: torch.dtype
     if model_type is None:
         raise InputError("config.json has no model_type", where=where, fix="Add the model_type field.")
     config = transformers.AutoConfig.for_model(model_type, **config_dict)
-    model = auto.from_config(config, dtype=dtype or model_dtype(reader.config, torch.float32))  # then overwritten
+    # Every weight is overwritten from the checkpoint below (a missing one is an error), so transformers' random
+    # initialisation, seconds for a 135M model, is skipped.
+    with _no_init_weights():
+        model = auto.from_config(config, dtype=dtype or model_dtype(reader.config, torch.float32))
     state = {info.name: reader.get(info.name) for info in reader.infos()}
     prefix = getattr(model, "base_model_prefix", "")
     own = set(model.state_dict())
