@@ -137,6 +137,40 @@ def run_options(f: Any) -> Any:
                         help="Where the math runs (auto: CUDA when available).")(f)
 
 
+def needs_libraries(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that runs (not --help, not `methods`): torch is imported first with the stop signals held."""
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        load_libraries()
+        return command(*args, **kwargs)
+
+    return run
+
+
+def load_libraries() -> None:
+    """Import torch with Ctrl-C, SIGTERM and SIGHUP held until it is loaded, then acted on: raised inside torch's
+    import (seconds), a KeyboardInterrupt can be swallowed by an import guard there (the run then went on) or cross
+    its C++ code and abort the process. The CLI module itself loads without torch (``--help`` answers at once)."""
+    import signal
+    import threading
+
+    if "torch" in sys.modules:
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held} if main_thread else {}
+    try:
+        import torch  # noqa: F401
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    if received:
+        if received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(received[0])
+
+
 def verbose_option(f: Any) -> Any:
     return click.option("--verbose", "-v", is_flag=True,
                         help="Every tensor of a --dry-run plan, and the warnings and progress output of the "
@@ -268,6 +302,7 @@ def checked(make: Callable[[], Any], command: str) -> Any:
 @run_options
 @shard_option
 @output_options
+@needs_libraries
 def quantize(model: Path, out: Path | None, method: str, format_name: str | None, block_size: int,
              double_quant: bool, group_size: int | None, allow_float: bool, symmetric: bool, include: str | None,
              exclude: str | None, dry_run: bool, verbose: bool, tokenizer: str | None, shard_size: str,
@@ -380,6 +415,7 @@ def quantize(model: Path, out: Path | None, method: str, format_name: str | None
 @click.option("--dry-run", is_flag=True, help="Print the plan and the largest possible adapter; write nothing.")
 @run_options
 @output_options
+@needs_libraries
 def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int | None, energy: float | None,
                  sv_threshold: float | None, max_rank: int, engine: str, targets: str, embeddings: str,
                  dtype_choice: str, seed: int, budget: str | None, mean_rank: int | None, calibration: str | None,
@@ -443,6 +479,7 @@ def extract_lora(base_path: Path, tuned_path: Path, out: Path | None, rank: int 
 @run_options
 @shard_option
 @output_options
+@needs_libraries
 def dequantize(quantized: Path, out: Path, dtype_choice: str, shard_size: str, **common: Any) -> None:
     """Turn a quantized checkpoint (any --format output, or a .gguf) back into a float checkpoint."""
     from compress.pipeline.dequantize import DequantizeRequest, dequantize
@@ -458,6 +495,7 @@ def dequantize(quantized: Path, out: Path, dtype_choice: str, shard_size: str, *
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor (default: a summary by kind).")
+@needs_libraries
 def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
     """Show what is inside a checkpoint: tensors, dtypes, sizes and quantization."""
     from compress.inspect import inspect_checkpoint
@@ -485,6 +523,7 @@ def inspect(path: Path, as_json: bool, show_tensors: bool) -> None:
                                       "(faster on CPUs with bf16 instructions; llama.cpp keeps its own).")
 @verbose_option
 @output_options
+@needs_libraries
 def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, window: int, stride: int | None,
              embeddings: bool, sentences: int, out: Path | None, device: str, dtype_name: str, verbose: bool,
              as_json: bool, quiet: bool, force: bool) -> None:
@@ -544,6 +583,7 @@ def evaluate(models: tuple[Path, ...], text_path: Path | None, tokens: int, wind
 @run_options
 @shard_option
 @output_options
+@needs_libraries
 def merge(base_path: Path, adapter_paths: tuple[Path, ...], weights: tuple[float, ...], combine_name: str,
           density: float | None, rank: int | None, seed: int, qalora_pooling: str, out: Path | None,
           quantize_method: str, format_name: str | None, strategy: str, float_base_path: Path | None,
