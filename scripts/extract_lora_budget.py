@@ -74,14 +74,15 @@ VARIANTS = [  # key, label, arguments given a rank and the calibration arguments
      lambda r, c: ["--rank", str(r), "--lora-only"]),
     # --refine-steps: the factors refined end to end (KL against the fine-tune) on the calibration text ...
     ("refine", "activation-aware, rank r, refined on the built-in text (--refine-steps)",
-     lambda r, c: ["--rank", str(r), *c, "--refine-steps", str(REFINE["steps"])]),
+     lambda r, c: ["--rank", str(r), *c, "--refine-steps", str(REFINE["steps"]), *REFINE["lr"]]),
     # ... or on the fine-tune's own training text (the Language Reference topics it trained on, disjoint from the
     # held-out ones), as a user who has the training data would
     ("refine_train", "activation-aware, rank r, refined on the fine-tune's training text (--refine-steps)",
      lambda r, c: ["--rank", str(r), "--calibration", str(REFINE["train_text"]), *c[2:],
-                   "--refine-steps", str(REFINE["steps"])]),
+                   "--refine-steps", str(REFINE["steps"]), *REFINE["lr"]]),
 ]
-REFINE: dict[str, Any] = {"steps": 100, "train_text": None}  # set by main() from --refine-steps and the work folder
+# set by measure() from --refine-steps, --refine-lr and the work folder
+REFINE: dict[str, Any] = {"steps": 100, "train_text": None, "lr": []}
 MERGEKIT_LABEL = "mergekit-extract-lora 0.1.5, rank r everywhere"
 
 
@@ -116,8 +117,10 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
     calib = ["--calibration", "default", "--calibration-samples", str(a.samples), "--calibration-length",
              str(a.length)]
     REFINE["steps"], REFINE["train_text"] = a.refine_steps, write_training_text(work)
-    calibration_seconds = calibration_pass_seconds(base, a.samples, a.length)
-    print(f"calibration pass alone: {calibration_seconds:.1f} s", flush=True)
+    REFINE["lr"] = [] if a.refine_lr is None else ["--refine-lr", str(a.refine_lr)]
+    calibration_seconds = (calibration_pass_seconds(base, a.samples, a.length) if not a.no_calibration_timing
+                           else None)
+    print(f"calibration pass alone: {calibration_seconds} s", flush=True)
     adapters = work / "adapters_budget"
     adapters.mkdir(exist_ok=True)
     rows = []
@@ -157,8 +160,9 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
             "machine": ft.machine(), "command": shlex.join(["python", f"scripts/{Path(__file__).name}",
                                                             *(a.argv or [])]),
             "work": str(work), "samples": a.samples, "length": a.length, "reference_loss": ref,
-            "refine_steps": a.refine_steps,
-            "heldout_blocks": int(held.shape[0]), "calibration_pass_seconds": round(calibration_seconds, 1),
+            "refine_steps": a.refine_steps, "refine_lr": a.refine_lr,
+            "heldout_blocks": int(held.shape[0]), "calibration_pass_seconds": (None if calibration_seconds is None
+                                                                      else round(calibration_seconds, 1)),
             "finetune": json.loads((work / "finetune.json").read_text()).get("full", {}),
             "runs": rows, "qalora": qalora}
 
@@ -289,8 +293,10 @@ def render(res: dict[str, Any]) -> str:
              f"Held-out loss over {res['heldout_blocks']} blocks never trained on: base {ref['base']:.4f}, full "
              f"fine-tune {ref['full']:.4f}. Calibration: compress' built-in text, {res['samples']} x "
              f"{res['length']} tokens, disjoint from the training and held-out text; the calibration pass alone took "
-             f"{res['calibration_pass_seconds']} s. Every adapter loaded by PEFT on the float32 base (unmerged).\n",
-             *([f"Refined rows: `--refine-steps {res.get('refine_steps')}` (Adam, lr 2e-4, batches of 4 samples, "
+             f"{res['calibration_pass_seconds'] or '(not timed in this run)'} s. Every adapter loaded by PEFT on the "
+             "float32 base (unmerged).\n",
+             *([f"Refined rows: `--refine-steps {res.get('refine_steps')}` (Adam, lr {res.get('refine_lr') or 2e-4:g}, "
+                "batches of 4 samples, "
                 "1/8 of the samples held out); on the built-in text, or on the fine-tune's own training text "
                 "(`train_text.txt`: the topics it trained on, disjoint from the held-out ones), with the same sample "
                 "count and length. Refinement time is in the wall seconds.\n"]
@@ -344,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mergekit", action="store_true", help="mergekit-extract-lora at each rank (.venv-mergekit)")
     p.add_argument("--qalora", action="store_true", help="the QA-LoRA section")
     p.add_argument("--refine-steps", type=int, default=100, help="--refine-steps of the refine variants")
+    p.add_argument("--refine-lr", type=float, default=None, help="--refine-lr of the refine variants (default: the "
+                                                                   "tool's)")
+    p.add_argument("--no-calibration-timing", action="store_true", help="skip timing the calibration pass alone")
     p.add_argument("--out", type=Path, default=REPO / "reports" / "extract_lora_budget")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the existing .json")
     a = p.parse_args(argv)
