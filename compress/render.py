@@ -309,7 +309,7 @@ def merge_plan(console: Console, plan: Any, as_json: bool, verbose: bool = False
             table.add_row(names, kinds, dtype, str(sum(shapes.values())), listed)
     console.print(table)
     console.print(f"{len(data['tensors'])} tensors change ({data['params_changed']:,} parameters), "
-                  f"{data['tensors_unchanged']} are copied unchanged")
+                  f"{data['tensors_unchanged']} {'is' if data['tensors_unchanged'] == 1 else 'are'} copied unchanged")
     notes(console, data["notes"])
 
 
