@@ -152,6 +152,14 @@ def adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(folder / "adapter_model.safetensors")), config
 
 
+def fold(capsys, q: Path, adapter_folder: Path, merged: Path) -> Path:
+    """``compress merge Q --adapter A --quantize int4 --strategy fold --format native`` into ``merged``."""
+    r = run_cli(capsys, "merge", q, "--adapter", adapter_folder, "-o", merged, "--quantize", "int4", "--strategy",
+                "fold", "--format", "native", "-q")
+    assert r.rc == 0, r.err
+    return merged
+
+
 def peft_qalora_forward(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
     """PEFT's own QA-LoRA forward (peft.tuners.lora.variants.QALoraLinearVariant) on a layer whose base weight is
     W, with the adapter's factors: what PEFT computes for the adapter on a GPTQ layer holding W."""
@@ -186,10 +194,7 @@ def test_planted_change_is_recovered_and_folds_exactly(models, tmp_path: Path, c
         got = peft_qalora_forward(A, B, models.deq[n], x[:, :n_in], G)
         torch.testing.assert_close(got, x[:, :n_in] @ tuned_W.T, rtol=0, atol=2e-6)
 
-    merged = tmp_path / "merged"
-    r = run_cli(capsys, "merge", models.q, "--adapter", out, "-o", merged, "--quantize", "int4", "--strategy", "fold",
-                "--format", "native", "-q")
-    assert r.rc == 0, r.err
+    merged = fold(capsys, models.q, out, tmp_path / "merged")
     with open_model(models.q) as q_reader, open_model(merged) as m_reader:
         for n in models.names:
             before, after = q_reader.quantized(n), m_reader.quantized(n)
@@ -309,10 +314,7 @@ def test_refined_qalora_adapter_still_folds_exactly(models, tmp_path: Path, caps
     assert refinement["kept"] is True and refinement["heldout_kl_after"] < refinement["heldout_kl_before"]
     tensors, config = adapter(out)
     assert config["use_qalora"] is True
-    merged = tmp_path / "merged"
-    r = run_cli(capsys, "merge", models.q, "--adapter", out, "-o", merged, "--quantize", "int4", "--strategy", "fold",
-                "--format", "native", "-q")
-    assert r.rc == 0, r.err
+    merged = fold(capsys, models.q, out, tmp_path / "merged")
     with open_model(models.q) as q_reader, open_model(merged) as m_reader:
         for n in models.names:
             before, after = q_reader.quantized(n), m_reader.quantized(n)

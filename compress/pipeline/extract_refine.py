@@ -91,7 +91,7 @@ def refine_extracted(base_path: Path, tuned_path: Path, quantized_path: Path | N
                 pooling = QALORA_POOLING["peft"](layer.weight.shape[1], group) if group else 1.0
                 factors[module] = Factors(parts["A"], parts["B"], group, pooling, embedding)
             elif "bias" in parts:  # a bias delta rides on its module's LoRA (lora_B.bias)
-                if any(k.startswith(module + ".") and "A" in p for k, p in tensors.items()):
+                if "A" in tensors.get(module + ".weight", {}):
                     modules[module].bias.add_(parts["bias"].to(torch.float32))
             elif "weight" in parts or "whole" in parts:  # kept whole: the student holds the tuned values
                 student_params[name].copy_(teacher_params[name])
